@@ -1,0 +1,833 @@
+//! The content-addressed store: ingest, commit, read, release, garbage collection, scrub.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::chunker::Chunker;
+use crate::manifest::{ChunkRef, ContentHasher};
+use crate::store::{ChunkStore, SledChunkStore};
+use crate::{ChunkId, ChunkerParams, Error, Manifest, ManifestId, Result, frame};
+
+/// Version of the on-disk layout of the store's own trees.
+const FORMAT_VERSION: u32 = 1;
+/// Chunks listed per page by GC and scrub.
+const PAGE: usize = 4096;
+
+const META_TREE: &str = "meta";
+const MANIFESTS_TREE: &str = "manifests";
+const MANIFEST_REFS_TREE: &str = "manifest_refs";
+const CHUNK_REFS_TREE: &str = "chunk_refs";
+
+/// How a store is opened. Every field has a sensible default.
+#[derive(Debug, Clone)]
+pub struct CasConfig {
+    /// Chunker parameters for a new store. `None` uses what an existing store recorded, or the
+    /// default for a new one. Giving parameters that differ from the recorded ones is an error.
+    pub chunker: Option<ChunkerParams>,
+    /// zstd level for new chunks (default 3; 1–19 are sensible).
+    pub zstd_level: i32,
+    /// Chunks processed at once during ingest and read (default: 2 × cores + 2). Bounds memory:
+    /// at most this many chunks (each ≤ 4 × the average size) are in flight.
+    pub concurrency: usize,
+    /// sled's page cache, in bytes (default 64 MiB; sled's own default is 1 GiB).
+    pub cache_capacity: u64,
+}
+
+impl Default for CasConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            chunker: None,
+            zstd_level: 3,
+            concurrency: 2 * cores + 2,
+            cache_capacity: 64 << 20,
+        }
+    }
+}
+
+/// What one ingest did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    /// Chunks in the content.
+    pub chunks: u64,
+    /// Chunks the store did not have yet.
+    pub new_chunks: u64,
+    /// Uncompressed bytes of the new chunks.
+    pub new_bytes: u64,
+    /// Frame bytes written for the new chunks (after compression).
+    pub new_stored_bytes: u64,
+}
+
+/// Content that has been chunked and stored but is not yet visible: [`Cas::commit`] makes it so.
+///
+/// While a `Staged` is alive its chunks are leased, so garbage collection leaves them alone.
+/// Dropping it without committing leaves at most unreferenced chunks that GC reclaims.
+#[derive(Debug)]
+pub struct Staged {
+    manifest: Manifest,
+    stats: IngestStats,
+    _leases: Vec<Lease>,
+}
+
+impl Staged {
+    /// The manifest that commit will store.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// What the ingest stored.
+    pub fn stats(&self) -> IngestStats {
+        self.stats
+    }
+}
+
+/// What a garbage collection pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Chunks examined.
+    pub chunks_scanned: u64,
+    /// Unreferenced chunks removed.
+    pub chunks_deleted: u64,
+    /// Frame bytes removed.
+    pub bytes_freed: u64,
+}
+
+/// A chunk that failed verification, with everything that needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadChunk {
+    /// The chunk.
+    pub id: ChunkId,
+    /// Why it failed (`missing` when it is not stored at all).
+    pub reason: String,
+    /// Manifests that reference it.
+    pub manifests: Vec<ManifestId>,
+}
+
+/// What a scrub found. An empty `bad_chunks`, `bad_manifests` and `ref_mismatches` is a
+/// healthy store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Chunks read and rehashed.
+    pub chunks_checked: u64,
+    /// Frame bytes read.
+    pub bytes_checked: u64,
+    /// Manifests checked.
+    pub manifests_checked: u64,
+    /// Corrupt or missing chunks.
+    pub bad_chunks: Vec<BadChunk>,
+    /// Manifests that could not be decoded or whose id does not match their content.
+    pub bad_manifests: Vec<(ManifestId, String)>,
+    /// Chunks whose recorded reference count differs from the manifests that use them.
+    pub ref_mismatches: u64,
+}
+
+impl ScrubReport {
+    /// Whether nothing is wrong.
+    pub fn is_clean(&self) -> bool {
+        self.bad_chunks.is_empty() && self.bad_manifests.is_empty() && self.ref_mismatches == 0
+    }
+}
+
+/// Store-wide figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Distinct chunks stored.
+    pub chunks: u64,
+    /// Bytes of all stored frames.
+    pub stored_bytes: u64,
+    /// Manifests stored.
+    pub manifests: u64,
+}
+
+/// Chunks that an ingest in flight will reference; GC never deletes a leased chunk.
+#[derive(Debug, Default)]
+struct Leases {
+    held: Mutex<HashMap<ChunkId, u32>>,
+}
+
+impl Leases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkId, u32>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One leased chunk; released on drop.
+#[derive(Debug)]
+struct Lease {
+    leases: Arc<Leases>,
+    id: ChunkId,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut held = self.leases.lock();
+        if let Some(n) = held.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.id);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<S> {
+    db: sled::Db,
+    manifests: sled::Tree,
+    manifest_refs: sled::Tree,
+    chunk_refs: sled::Tree,
+    chunks: S,
+    params: ChunkerParams,
+    config: CasConfig,
+    leases: Arc<Leases>,
+    /// GC holds this exclusively while it decides and deletes; taking a lease holds it shared.
+    /// See the crate docs for why this makes GC safe against concurrent ingests.
+    gc_gate: tokio::sync::RwLock<()>,
+    location: String,
+}
+
+/// A content-addressed store of chunks and manifests. Cheap to clone; clones share the store.
+#[derive(Debug)]
+pub struct Cas<S = SledChunkStore> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Cas<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl Cas<SledChunkStore> {
+    /// Opens (creating if needed) the store in directory `path`, chunks kept in the same sled
+    /// database as the metadata.
+    ///
+    /// sled locks the directory: a second open of the same path, from this process or
+    /// another, fails with [`Error::Database`] while the first is open.
+    pub fn open(path: impl AsRef<Path>, config: CasConfig) -> Result<Self> {
+        let path = path.as_ref();
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(config.cache_capacity)
+            .open()?;
+        let chunks = SledChunkStore::open(&db)?;
+        Self::with_store(db, chunks, config, path.display().to_string())
+    }
+
+    /// A store in a temporary directory that is deleted when the last clone is dropped.
+    pub fn temporary(config: CasConfig) -> Result<Self> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .cache_capacity(config.cache_capacity)
+            .open()?;
+        let chunks = SledChunkStore::open(&db)?;
+        Self::with_store(db, chunks, config, "(temporary)".into())
+    }
+
+    /// The chunk store, for tests and harnesses that damage it on purpose.
+    pub fn chunk_store(&self) -> &SledChunkStore {
+        &self.inner.chunks
+    }
+}
+
+impl<S: ChunkStore> Cas<S> {
+    /// A store whose metadata lives in `db` and whose chunk frames live in `chunks`.
+    /// `location` names the store in error messages.
+    pub fn with_store(
+        db: sled::Db,
+        chunks: S,
+        config: CasConfig,
+        location: String,
+    ) -> Result<Self> {
+        let meta = db.open_tree(META_TREE)?;
+        let version = read_u32(&meta, "format")?;
+        match version {
+            None => {
+                meta.insert("format", &FORMAT_VERSION.to_be_bytes())?;
+            }
+            Some(FORMAT_VERSION) => {}
+            Some(found) => {
+                return Err(Error::UnsupportedFormat {
+                    path: location,
+                    found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+        }
+        let params = match (read_u32(&meta, "avg_chunk")?, config.chunker) {
+            (Some(stored), Some(requested)) if stored != requested.avg() => {
+                return Err(Error::ParamsMismatch {
+                    path: location,
+                    stored,
+                    requested: requested.avg(),
+                });
+            }
+            (Some(stored), _) => ChunkerParams::new(stored)?,
+            (None, requested) => {
+                let params = requested.unwrap_or_default();
+                meta.insert("avg_chunk", &params.avg().to_be_bytes())?;
+                params
+            }
+        };
+        meta.flush()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                manifests: db.open_tree(MANIFESTS_TREE)?,
+                manifest_refs: db.open_tree(MANIFEST_REFS_TREE)?,
+                chunk_refs: db.open_tree(CHUNK_REFS_TREE)?,
+                db,
+                chunks,
+                params,
+                config: CasConfig {
+                    concurrency: config.concurrency.max(1),
+                    ..config
+                },
+                leases: Arc::default(),
+                gc_gate: tokio::sync::RwLock::new(()),
+                location,
+            }),
+        })
+    }
+
+    /// The chunker parameters this store uses.
+    pub fn params(&self) -> ChunkerParams {
+        self.inner.params
+    }
+
+    /// The sled database holding the store's metadata, so that callers can keep their own
+    /// trees beside it and commit them atomically with manifests (see [`CasTrees`]).
+    pub fn db(&self) -> &sled::Db {
+        &self.inner.db
+    }
+
+    /// The metadata trees, for transactions that span the store and the caller's own trees.
+    pub fn trees(&self) -> CasTrees {
+        CasTrees {
+            manifests: self.inner.manifests.clone(),
+            manifest_refs: self.inner.manifest_refs.clone(),
+            chunk_refs: self.inner.chunk_refs.clone(),
+        }
+    }
+
+    /// Chunks and stores everything `reader` yields, without making it visible.
+    ///
+    /// Runs as a pipeline: one blocking thread reads, cuts chunks and computes the whole-content
+    /// digests while up to `concurrency` chunks are hashed, looked up and (when new) compressed
+    /// and stored on the blocking pool. Only chunks the store lacks are compressed and written.
+    pub async fn ingest_reader<R: Read + Send + 'static>(&self, reader: R) -> Result<Staged> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.inner.config.concurrency);
+        let params = self.inner.params;
+        let cutter = tokio::task::spawn_blocking(move || {
+            let mut hasher = ContentHasher::default();
+            for chunk in Chunker::new(reader, params) {
+                let chunk = chunk.map_err(Error::Input)?;
+                hasher.update(&chunk);
+                if tx.blocking_send(chunk).is_err() {
+                    break; // the consumer failed and reports why
+                }
+            }
+            Ok::<_, Error>(hasher.finish())
+        });
+        let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let stored: Result<Vec<_>> = chunks
+            .map(|chunk| store_chunk(Arc::clone(&self.inner), chunk))
+            .buffered(self.inner.config.concurrency)
+            .try_collect()
+            .await;
+        // The cutter's error (a failed read) explains a short stream better than anything else.
+        let digests = cutter.await??;
+        let stored = stored?;
+        self.inner.chunks.sync().await?;
+
+        let mut stats = IngestStats::default();
+        let mut refs = Vec::with_capacity(stored.len());
+        let mut leases = Vec::with_capacity(stored.len());
+        for (chunk_ref, lease, new_stored) in stored {
+            stats.chunks += 1;
+            if let Some(frame_len) = new_stored {
+                stats.new_chunks += 1;
+                stats.new_bytes += u64::from(chunk_ref.len);
+                stats.new_stored_bytes += frame_len;
+            }
+            refs.push(chunk_ref);
+            leases.push(lease);
+        }
+        Ok(Staged {
+            manifest: Manifest::new(refs, digests),
+            stats,
+            _leases: leases,
+        })
+    }
+
+    /// [`Cas::ingest_reader`] for an async reader.
+    pub async fn ingest<R: AsyncRead + Unpin + Send + 'static>(&self, reader: R) -> Result<Staged> {
+        self.ingest_reader(tokio_util::io::SyncIoBridge::new(reader))
+            .await
+    }
+
+    /// [`Cas::ingest_reader`] for bytes already in memory.
+    pub async fn ingest_bytes(&self, data: impl Into<Bytes>) -> Result<Staged> {
+        self.ingest_reader(std::io::Cursor::new(data.into())).await
+    }
+
+    /// Makes staged content visible: stores its manifest (or adds a holder to an identical one)
+    /// and counts a reference on each of its chunks, in one transaction, then flushes.
+    ///
+    /// Each commit is one hold on the manifest; [`Cas::release`] gives it back.
+    pub async fn commit(&self, staged: Staged) -> Result<ManifestId> {
+        let prepared = self.prepare(&staged.manifest).await?;
+        let trees = self.trees();
+        (&trees.manifests, &trees.manifest_refs, &trees.chunk_refs)
+            .transaction(|(m, mr, cr)| {
+                retain_tx(m, mr, cr, &prepared)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.inner.db.flush_async().await?;
+        drop(staged);
+        Ok(prepared.id)
+    }
+
+    /// Checks that every chunk of a staged manifest is present and encodes it for a commit
+    /// transaction built by the caller (see [`CasTrees`]). The staged value must stay alive
+    /// until that transaction has committed: its leases are what keep GC away.
+    pub async fn prepare(&self, manifest: &Manifest) -> Result<PreparedManifest> {
+        let id = manifest.id();
+        let distinct: Vec<ChunkId> = manifest
+            .chunks()
+            .iter()
+            .map(|c| c.id)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        // Leases guarantee presence; checking again turns a broken invariant or a damaged
+        // store into an error instead of a manifest with holes.
+        for batch in distinct.chunks(PAGE) {
+            let present = self.inner.chunks.has_many(batch).await?;
+            if let Some((id_missing, _)) = batch.iter().zip(present).find(|(_, p)| !p) {
+                return Err(Error::MissingChunk {
+                    manifest: id,
+                    chunk: *id_missing,
+                });
+            }
+        }
+        Ok(PreparedManifest {
+            id,
+            encoded: manifest.encode(),
+            distinct,
+        })
+    }
+
+    /// Gives back one hold on a manifest. When the last is gone the manifest is deleted and its
+    /// chunks lose a reference; chunks left with none are reclaimed by the next [`Cas::gc`].
+    /// Returns whether the manifest was deleted.
+    pub async fn release(&self, id: ManifestId) -> Result<bool> {
+        let trees = self.trees();
+        let deleted = (&trees.manifests, &trees.manifest_refs, &trees.chunk_refs)
+            .transaction(|(m, mr, cr)| release_tx(m, mr, cr, id))
+            .map_err(tx_error)?;
+        self.inner.db.flush_async().await?;
+        Ok(deleted)
+    }
+
+    /// The stored manifest with this id.
+    pub async fn manifest(&self, id: ManifestId) -> Result<Manifest> {
+        let bytes = self
+            .inner
+            .manifests
+            .get(id.as_bytes())?
+            .ok_or(Error::ManifestNotFound(id))?;
+        Manifest::decode(&bytes)
+    }
+
+    /// Whether a manifest is stored.
+    pub fn contains_manifest(&self, id: ManifestId) -> Result<bool> {
+        Ok(self.inner.manifest_refs.contains_key(id.as_bytes())?)
+    }
+
+    /// The content's chunks in order, each fetched, decoded and checked against its id, with
+    /// up to `concurrency` fetched ahead. A bad or missing chunk ends the stream with an error;
+    /// none of its bytes are returned.
+    pub fn read_chunks(
+        &self,
+        manifest: &Manifest,
+    ) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+        let inner = Arc::clone(&self.inner);
+        let manifest_id = manifest.id();
+        let refs = manifest.chunks().to_vec();
+        let depth = inner.config.concurrency;
+        futures::stream::iter(refs)
+            .map(move |c| load_chunk(Arc::clone(&inner), manifest_id, c))
+            .buffered(depth)
+    }
+
+    /// Writes the content of manifest `id` to `out`, verifying every chunk and then the whole
+    /// SHA-256, BLAKE3 and length. Returns the bytes written.
+    ///
+    /// On error some bytes may already have been written: callers that must not expose partial
+    /// content write to a temporary file and rename it only on success.
+    pub async fn read_to<W: AsyncWrite + Unpin>(&self, id: ManifestId, out: &mut W) -> Result<u64> {
+        let manifest = self.manifest(id).await?;
+        let mut hasher = ContentHasher::default();
+        let mut chunks = std::pin::pin!(self.read_chunks(&manifest));
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            out.write_all(&chunk).await.map_err(Error::Output)?;
+        }
+        out.flush().await.map_err(Error::Output)?;
+        let len = hasher.len();
+        let digests = hasher.finish();
+        if len != manifest.len() || digests.sha256 != manifest.digests().sha256 {
+            return Err(Error::DigestMismatch {
+                manifest: id,
+                algorithm: "sha256",
+            });
+        }
+        if digests.blake3 != manifest.digests().blake3 {
+            return Err(Error::DigestMismatch {
+                manifest: id,
+                algorithm: "blake3",
+            });
+        }
+        Ok(len)
+    }
+
+    /// Deletes every chunk that no manifest references and no ingest in flight has leased.
+    pub async fn gc(&self) -> Result<GcReport> {
+        let inner = &self.inner;
+        let mut report = GcReport::default();
+        let mut after = None;
+        loop {
+            let page = inner.chunks.list(after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            report.chunks_scanned += page.len() as u64;
+            let unreferenced = |id: &ChunkId| -> Result<bool> {
+                Ok(!inner.chunk_refs.contains_key(id.as_bytes())?)
+            };
+            let mut candidates = Vec::new();
+            for c in &page {
+                if unreferenced(&c.id)? {
+                    candidates.push(c.id);
+                }
+            }
+            if candidates.is_empty() {
+                continue;
+            }
+            // Decide and delete with no lease able to start: a chunk unleased and unreferenced
+            // now cannot gain a reference before it is gone, and an ingest that looks for it
+            // afterwards finds it missing and stores it again.
+            let _gate = inner.gc_gate.write().await;
+            let doomed = {
+                let held = inner.leases.lock();
+                let mut doomed = Vec::with_capacity(candidates.len());
+                for id in candidates {
+                    if !held.contains_key(&id) && unreferenced(&id)? {
+                        doomed.push(id);
+                    }
+                }
+                doomed
+            };
+            report.chunks_deleted += doomed.len() as u64;
+            report.bytes_freed += inner.chunks.delete_many(doomed).await?;
+        }
+        inner.chunks.sync().await?;
+        Ok(report)
+    }
+
+    /// Reads and rehashes every chunk, decodes every manifest, checks that each manifest's
+    /// chunks are present and sound, and that reference counts match the manifests.
+    pub async fn scrub(&self) -> Result<ScrubReport> {
+        let inner = &self.inner;
+        let mut report = ScrubReport::default();
+        let mut bad: HashMap<ChunkId, String> = HashMap::new();
+        let mut present: HashSet<ChunkId> = HashSet::new();
+        let mut after = None;
+        loop {
+            let page = inner.chunks.list(after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            let checks = futures::stream::iter(page)
+                .map(|c| {
+                    let inner = Arc::clone(inner);
+                    async move {
+                        let verdict = match inner.chunks.get(c.id).await? {
+                            None => Err("listed but not stored".to_string()),
+                            Some(frame) => {
+                                tokio::task::spawn_blocking(move || {
+                                    frame::decode(&c.id, &frame)
+                                        .map(|_| frame.len() as u64)
+                                        .map_err(|e| match e {
+                                            Error::CorruptChunk { reason, .. } => reason,
+                                            other => other.to_string(),
+                                        })
+                                })
+                                .await?
+                            }
+                        };
+                        Ok::<_, Error>((c.id, verdict))
+                    }
+                })
+                .buffer_unordered(inner.config.concurrency);
+            let mut checks = std::pin::pin!(checks);
+            while let Some(check) = checks.next().await {
+                let (id, verdict) = check?;
+                report.chunks_checked += 1;
+                present.insert(id);
+                match verdict {
+                    Ok(len) => report.bytes_checked += len,
+                    Err(reason) => {
+                        bad.insert(id, reason);
+                    }
+                }
+            }
+        }
+
+        let mut expected_refs: HashMap<ChunkId, u64> = HashMap::new();
+        let mut users: HashMap<ChunkId, Vec<ManifestId>> = HashMap::new();
+        for item in inner.manifests.iter() {
+            let (key, value) = item?;
+            let id = ManifestId::from_slice(&key).unwrap_or_else(|| ManifestId::digest(&key));
+            report.manifests_checked += 1;
+            if ManifestId::digest(&value) != id {
+                report
+                    .bad_manifests
+                    .push((id, "content does not hash to the manifest id".into()));
+                continue;
+            }
+            let manifest = match Manifest::decode(&value) {
+                Ok(m) => m,
+                Err(e) => {
+                    report.bad_manifests.push((id, e.to_string()));
+                    continue;
+                }
+            };
+            let distinct: BTreeSet<ChunkId> = manifest.chunks().iter().map(|c| c.id).collect();
+            for chunk in distinct {
+                *expected_refs.entry(chunk).or_default() += 1;
+                if !present.contains(&chunk) {
+                    bad.entry(chunk).or_insert_with(|| "missing".into());
+                }
+                if bad.contains_key(&chunk) {
+                    users.entry(chunk).or_default().push(id);
+                }
+            }
+        }
+        for item in inner.chunk_refs.iter() {
+            let (key, value) = item?;
+            let recorded = decode_u64(&value);
+            let id = ChunkId::from_slice(&key);
+            let expected = id.and_then(|id| expected_refs.remove(&id)).unwrap_or(0);
+            if recorded != expected {
+                report.ref_mismatches += 1;
+            }
+        }
+        report.ref_mismatches += expected_refs.len() as u64;
+
+        let mut bad_chunks: Vec<BadChunk> = bad
+            .into_iter()
+            .map(|(id, reason)| BadChunk {
+                id,
+                reason,
+                manifests: users.remove(&id).unwrap_or_default(),
+            })
+            .collect();
+        bad_chunks.sort_by_key(|b| b.id);
+        report.bad_chunks = bad_chunks;
+        Ok(report)
+    }
+
+    /// Counts chunks, their stored bytes and manifests.
+    pub async fn stats(&self) -> Result<StoreStats> {
+        let mut stats = StoreStats {
+            manifests: self.inner.manifests.len() as u64,
+            ..StoreStats::default()
+        };
+        let mut after = None;
+        loop {
+            let page = self.inner.chunks.list(after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            stats.chunks += page.len() as u64;
+            stats.stored_bytes += page.iter().map(|c| c.frame_len).sum::<u64>();
+        }
+        Ok(stats)
+    }
+
+    /// Flushes everything to disk.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.chunks.sync().await?;
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Where the store lives, for messages.
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+}
+
+/// Hashes one chunk, leases it and stores it unless the store already has it. Returns the
+/// chunk's reference, its lease and, when it was new, the bytes its frame took.
+async fn store_chunk<S: ChunkStore>(
+    inner: Arc<Inner<S>>,
+    chunk: Bytes,
+) -> Result<(ChunkRef, Lease, Option<u64>)> {
+    let (id, chunk) = tokio::task::spawn_blocking(move || (ChunkId::digest(&chunk), chunk)).await?;
+    let lease = {
+        let _gate = inner.gc_gate.read().await;
+        *inner.leases.lock().entry(id).or_insert(0) += 1;
+        Lease {
+            leases: Arc::clone(&inner.leases),
+            id,
+        }
+    };
+    let chunk_ref = ChunkRef {
+        id,
+        len: chunk.len() as u32,
+    };
+    if inner.chunks.has_many(&[id]).await?[0] {
+        return Ok((chunk_ref, lease, None));
+    }
+    let level = inner.config.zstd_level;
+    let frame = tokio::task::spawn_blocking(move || frame::encode(&chunk, level)).await?;
+    let frame_len = frame.len() as u64;
+    inner.chunks.put_many(vec![(id, frame)]).await?;
+    Ok((chunk_ref, lease, Some(frame_len)))
+}
+
+/// Fetches and verifies one chunk of a manifest.
+async fn load_chunk<S: ChunkStore>(
+    inner: Arc<Inner<S>>,
+    manifest: ManifestId,
+    c: ChunkRef,
+) -> Result<Bytes> {
+    let frame = inner.chunks.get(c.id).await?.ok_or(Error::MissingChunk {
+        manifest,
+        chunk: c.id,
+    })?;
+    let data = tokio::task::spawn_blocking(move || frame::decode(&c.id, &frame)).await??;
+    if data.len() != c.len as usize {
+        return Err(Error::CorruptChunk {
+            id: c.id,
+            reason: format!("{} bytes decoded, manifest says {}", data.len(), c.len),
+        });
+    }
+    Ok(data)
+}
+
+/// The store's metadata trees, for a transaction that also writes the caller's own trees.
+#[derive(Debug, Clone)]
+pub struct CasTrees {
+    /// Manifest id → encoded manifest.
+    pub manifests: sled::Tree,
+    /// Manifest id → number of holds (u64 big-endian).
+    pub manifest_refs: sled::Tree,
+    /// Chunk id → number of manifests referencing it (u64 big-endian).
+    pub chunk_refs: sled::Tree,
+}
+
+/// A manifest checked and encoded, ready for [`retain_tx`].
+#[derive(Debug, Clone)]
+pub struct PreparedManifest {
+    id: ManifestId,
+    encoded: Vec<u8>,
+    distinct: Vec<ChunkId>,
+}
+
+impl PreparedManifest {
+    /// The manifest's id.
+    pub fn id(&self) -> ManifestId {
+        self.id
+    }
+}
+
+/// Inside a transaction over [`CasTrees`]: adds one hold on a manifest, storing it and
+/// referencing its chunks if it is new.
+pub fn retain_tx(
+    manifests: &TransactionalTree,
+    manifest_refs: &TransactionalTree,
+    chunk_refs: &TransactionalTree,
+    prepared: &PreparedManifest,
+) -> std::result::Result<(), ConflictableTransactionError<Error>> {
+    let key = prepared.id.as_bytes();
+    let holds = manifest_refs.get(key)?.map_or(0, |v| decode_u64(&v));
+    if holds == 0 {
+        manifests.insert(&key[..], prepared.encoded.as_slice())?;
+        for chunk in &prepared.distinct {
+            let n = chunk_refs
+                .get(chunk.as_bytes())?
+                .map_or(0, |v| decode_u64(&v));
+            chunk_refs.insert(&chunk.as_bytes()[..], &(n + 1).to_be_bytes())?;
+        }
+    }
+    manifest_refs.insert(&key[..], &(holds + 1).to_be_bytes())?;
+    Ok(())
+}
+
+/// Inside a transaction over [`CasTrees`]: gives back one hold on a manifest, deleting it and
+/// dereferencing its chunks when it was the last. Returns whether it was deleted.
+pub fn release_tx(
+    manifests: &TransactionalTree,
+    manifest_refs: &TransactionalTree,
+    chunk_refs: &TransactionalTree,
+    id: ManifestId,
+) -> std::result::Result<bool, ConflictableTransactionError<Error>> {
+    let key = id.as_bytes();
+    let holds = manifest_refs.get(key)?.map(|v| decode_u64(&v)).ok_or(
+        ConflictableTransactionError::Abort(Error::ManifestNotFound(id)),
+    )?;
+    if holds > 1 {
+        manifest_refs.insert(&key[..], &(holds - 1).to_be_bytes())?;
+        return Ok(false);
+    }
+    manifest_refs.remove(&key[..])?;
+    let encoded = manifests
+        .remove(&key[..])?
+        .ok_or(ConflictableTransactionError::Abort(
+            Error::ManifestNotFound(id),
+        ))?;
+    let manifest = Manifest::decode(&encoded).map_err(ConflictableTransactionError::Abort)?;
+    let distinct: BTreeSet<ChunkId> = manifest.chunks().iter().map(|c| c.id).collect();
+    for chunk in distinct {
+        let n = chunk_refs
+            .get(chunk.as_bytes())?
+            .map_or(0, |v| decode_u64(&v));
+        if n <= 1 {
+            chunk_refs.remove(&chunk.as_bytes()[..])?;
+        } else {
+            chunk_refs.insert(&chunk.as_bytes()[..], &(n - 1).to_be_bytes())?;
+        }
+    }
+    Ok(true)
+}
+
+/// Flattens a sled transaction error into this crate's error.
+pub fn tx_error(e: TransactionError<Error>) -> Error {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => Error::Database(e),
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+fn read_u32(tree: &sled::Tree, key: &str) -> Result<Option<u32>> {
+    Ok(tree
+        .get(key)?
+        .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+        .map(u32::from_be_bytes))
+}

@@ -1,0 +1,219 @@
+//! Content-defined chunking: FastCDC 2020, shaped as in REAPI (min = avg/4, max = avg×4,
+//! normalization level 2).
+
+use std::io::Read;
+
+use bytes::{Bytes, BytesMut};
+use fastcdc::v2020::{self, Normalization};
+
+use crate::{Error, Result};
+
+/// Normalization level 2: most chunks land near the average, as REAPI specifies.
+const NORMALIZATION: Normalization = Normalization::Level2;
+
+/// Smallest average chunk size accepted (min = 256 B, well above FastCDC's 64 B floor).
+pub const MIN_AVG_CHUNK: u32 = 1024;
+/// Largest average chunk size accepted: FastCDC's own limit, giving max chunks of 16 MiB.
+pub const MAX_AVG_CHUNK: u32 = 4 * 1024 * 1024;
+/// No chunk, and therefore no frame, is ever larger than this.
+pub const MAX_CHUNK_LEN: u32 = MAX_AVG_CHUNK * 4;
+
+/// Chunking parameters. Only the average is free; min and max follow from it.
+///
+/// These are recorded in the store when it is created: chunks cut with other parameters would
+/// never deduplicate against the existing ones, so a store refuses to mix them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkerParams {
+    avg: u32,
+}
+
+impl ChunkerParams {
+    /// The default average chunk size, in bytes (256 KiB).
+    ///
+    /// Chosen from the storage-efficiency measurement in `docs/benchmarks.md`.
+    pub const DEFAULT_AVG: u32 = 256 * 1024;
+
+    /// Parameters with the given average chunk size in bytes: a power of two from 1 KiB to 4 MiB.
+    pub fn new(avg: u32) -> Result<Self> {
+        if !avg.is_power_of_two() || !(MIN_AVG_CHUNK..=MAX_AVG_CHUNK).contains(&avg) {
+            return Err(Error::InvalidParams(format!(
+                "average chunk size must be a power of two from {MIN_AVG_CHUNK} to {MAX_AVG_CHUNK} bytes, got {avg}"
+            )));
+        }
+        Ok(Self { avg })
+    }
+
+    /// Average chunk size in bytes.
+    pub fn avg(&self) -> u32 {
+        self.avg
+    }
+
+    /// Minimum chunk size in bytes (avg / 4); only the last chunk of a stream can be smaller.
+    pub fn min(&self) -> u32 {
+        self.avg / 4
+    }
+
+    /// Maximum chunk size in bytes (avg × 4).
+    pub fn max(&self) -> u32 {
+        self.avg * 4
+    }
+
+    /// The chunk boundaries of an in-memory buffer, as lengths in order.
+    pub fn chunk_lengths(&self, data: &[u8]) -> Vec<usize> {
+        v2020::FastCDC::with_level(
+            data,
+            self.min() as usize,
+            self.avg() as usize,
+            self.max() as usize,
+            NORMALIZATION,
+        )
+        .map(|c| c.length)
+        .collect()
+    }
+}
+
+impl Default for ChunkerParams {
+    fn default() -> Self {
+        Self {
+            avg: Self::DEFAULT_AVG,
+        }
+    }
+}
+
+/// Splits a byte stream into content-defined chunks without copying them one by one.
+///
+/// Reads in large blocks into a shared buffer and hands out each chunk as a [`Bytes`] view of
+/// it, so the only copy is the tail carried over when a new block starts. Memory held is one
+/// block plus whatever chunks the caller still holds.
+#[derive(Debug)]
+pub struct Chunker<R> {
+    reader: R,
+    params: ChunkerParams,
+    masks: (u64, u64),
+    buf: BytesMut,
+    block: usize,
+    eof: bool,
+}
+
+impl<R: Read> Chunker<R> {
+    /// A chunker over `reader`.
+    pub fn new(reader: R, params: ChunkerParams) -> Self {
+        let masks = v2020::select_masks(params.avg() as usize, NORMALIZATION);
+        let block = (params.max() as usize * 2).max(4 << 20);
+        Self {
+            reader,
+            params,
+            masks,
+            buf: BytesMut::new(),
+            block,
+            eof: false,
+        }
+    }
+
+    /// Reads until a whole maximum-size chunk is buffered or the input ends.
+    fn fill(&mut self) -> std::io::Result<()> {
+        let want = self.params.max() as usize;
+        while !self.eof && self.buf.len() < want {
+            if self.buf.capacity() - self.buf.len() < want {
+                self.buf.reserve(self.block);
+            }
+            let start = self.buf.len();
+            self.buf.resize(self.buf.capacity(), 0);
+            let read = loop {
+                match self.reader.read(&mut self.buf[start..]) {
+                    Ok(n) => break Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => break Err(e),
+                }
+            };
+            match read {
+                Ok(0) => {
+                    self.buf.truncate(start);
+                    self.eof = true;
+                }
+                Ok(n) => self.buf.truncate(start + n),
+                Err(e) => {
+                    self.buf.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Iterator for Chunker<R> {
+    type Item = std::io::Result<Bytes>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Err(e) = self.fill() {
+            return Some(Err(e));
+        }
+        if self.buf.is_empty() {
+            return None;
+        }
+        let (mask_s, mask_l) = self.masks;
+        let (_, len) = v2020::cut(
+            &self.buf,
+            self.params.min() as usize,
+            self.params.avg() as usize,
+            self.params.max() as usize,
+            mask_s,
+            mask_l,
+            mask_s << 1,
+            mask_l << 1,
+        );
+        Some(Ok(self.buf.split_to(len).freeze()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_validation() {
+        assert!(
+            ChunkerParams::new(512 * 1024).is_ok(),
+            "REAPI's 512 KiB is valid"
+        );
+        assert!(ChunkerParams::new(1000).is_err());
+        assert!(ChunkerParams::new(512).is_err());
+        assert!(ChunkerParams::new(8 << 20).is_err());
+        let p = ChunkerParams::new(64 * 1024).unwrap();
+        assert_eq!((p.min(), p.max()), (16 * 1024, 256 * 1024));
+    }
+
+    #[test]
+    fn empty_input_has_no_chunks() {
+        let mut c = Chunker::new(&b""[..], ChunkerParams::default());
+        assert!(c.next().is_none());
+    }
+
+    /// A reader that hands out at most 7 bytes per call, to exercise refills.
+    struct Trickle<'a>(&'a [u8]);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(self.0.len()).min(7);
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn short_reads_give_the_same_chunks() {
+        let params = ChunkerParams::new(1024).unwrap();
+        let data: Vec<u8> = (0..50_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let a: Vec<Bytes> = Chunker::new(&data[..], params)
+            .map(Result::unwrap)
+            .collect();
+        let b: Vec<Bytes> = Chunker::new(Trickle(&data), params)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(a, b);
+        assert!(a.len() > 10);
+    }
+}

@@ -1,0 +1,235 @@
+//! Chunk frames: how one chunk is stored.
+//!
+//! ```text
+//! byte 0     format version (1)
+//! byte 1     codec: 0 = raw, 1 = zstd
+//! byte 2     zstd level used (i8; 0 for raw), so a later pass knows what to recompress
+//! byte 3     reserved, 0
+//! bytes 4-7  uncompressed length, u32 little-endian (at most MAX_CHUNK_LEN)
+//! bytes 8..  payload
+//! ```
+//!
+//! Decoding trusts nothing: the declared length is bounded before anything is allocated, zstd
+//! may not produce a byte more than declared, and the result must hash to the chunk's id.
+
+use std::cell::RefCell;
+
+use bytes::Bytes;
+
+use crate::chunker::MAX_CHUNK_LEN;
+use crate::{ChunkId, Error, Result};
+
+/// Current frame format version.
+pub const FRAME_VERSION: u8 = 1;
+/// Length of the frame header in bytes.
+pub const HEADER_LEN: usize = 8;
+
+/// How a frame's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Stored as is: zstd did not make it smaller.
+    Raw,
+    /// A single zstd frame.
+    Zstd,
+}
+
+/// The parsed header of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Payload encoding.
+    pub codec: Codec,
+    /// zstd level the payload was compressed with (0 for raw).
+    pub level: i8,
+    /// Length of the chunk once decoded.
+    pub len: u32,
+}
+
+impl FrameHeader {
+    /// Parses and bounds-checks the header at the start of `frame`.
+    pub fn parse(frame: &[u8]) -> std::result::Result<Self, String> {
+        let Some(head) = frame.get(..HEADER_LEN) else {
+            return Err(format!(
+                "frame of {} bytes is shorter than its header",
+                frame.len()
+            ));
+        };
+        if head[0] != FRAME_VERSION {
+            return Err(format!("unknown frame version {}", head[0]));
+        }
+        let codec = match head[1] {
+            0 => Codec::Raw,
+            1 => Codec::Zstd,
+            other => return Err(format!("unknown codec {other}")),
+        };
+        if head[3] != 0 {
+            return Err("reserved header byte is not zero".into());
+        }
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if len > MAX_CHUNK_LEN {
+            return Err(format!(
+                "declared length {len} exceeds the maximum chunk size {MAX_CHUNK_LEN}"
+            ));
+        }
+        Ok(Self {
+            codec,
+            level: head[2] as i8,
+            len,
+        })
+    }
+}
+
+thread_local! {
+    /// zstd contexts are costly to create (hundreds of KiB of tables): one per thread and level.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Encodes `chunk` as a frame: zstd at `level`, or raw when zstd does not shrink it.
+///
+/// # Panics
+/// If `chunk` is longer than [`MAX_CHUNK_LEN`]; the chunker never produces such chunks.
+pub fn encode(chunk: &[u8], level: i32) -> Bytes {
+    let len = u32::try_from(chunk.len())
+        .ok()
+        .filter(|&l| l <= MAX_CHUNK_LEN)
+        .expect("chunk longer than MAX_CHUNK_LEN");
+    // Only keep the compressed form when it saves something: a destination one byte smaller
+    // than the input makes zstd fail fast on incompressible data.
+    let mut payload = Vec::with_capacity(chunk.len().saturating_sub(1));
+    let compressed = !chunk.is_empty()
+        && COMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+            }
+            slot.as_mut()
+                .is_some_and(|(_, c)| c.compress_to_buffer(chunk, &mut payload).is_ok())
+        });
+    let (codec, level_byte, body): (u8, i8, &[u8]) = if compressed {
+        (
+            1,
+            level.clamp(i8::MIN as i32, i8::MAX as i32) as i8,
+            &payload,
+        )
+    } else {
+        (0, 0, chunk)
+    };
+    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+    frame.extend_from_slice(&[FRAME_VERSION, codec, level_byte as u8, 0]);
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(body);
+    Bytes::from(frame)
+}
+
+/// Decodes a frame without checking it against an id. Never allocates more than the declared
+/// length (itself at most [`MAX_CHUNK_LEN`]).
+pub fn decode_unverified(frame: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let header = FrameHeader::parse(frame)?;
+    let payload = &frame[HEADER_LEN..];
+    let len = header.len as usize;
+    match header.codec {
+        Codec::Raw => {
+            if payload.len() != len {
+                return Err(format!(
+                    "raw payload is {} bytes, header says {len}",
+                    payload.len()
+                ));
+            }
+            Ok(payload.to_vec())
+        }
+        Codec::Zstd => {
+            let mut out = Vec::with_capacity(len);
+            DECOMPRESSOR.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+                }
+                let d = slot.as_mut().ok_or("no zstd context")?;
+                d.decompress_to_buffer(payload, &mut out)
+                    .map_err(|e| format!("zstd: {e}"))
+            })?;
+            if out.len() != len {
+                return Err(format!("decoded {} bytes, header says {len}", out.len()));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Decodes a frame and checks that the bytes hash to `id`.
+pub fn decode(id: &ChunkId, frame: &[u8]) -> Result<Bytes> {
+    let data =
+        decode_unverified(frame).map_err(|reason| Error::CorruptChunk { id: *id, reason })?;
+    if ChunkId::digest(&data) != *id {
+        return Err(Error::CorruptChunk {
+            id: *id,
+            reason: "content does not hash to the chunk id".into(),
+        });
+    }
+    Ok(Bytes::from(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_round_trip() {
+        let data = b"sloth ".repeat(10_000);
+        let frame = encode(&data, 3);
+        let header = FrameHeader::parse(&frame).unwrap();
+        assert_eq!(header.codec, Codec::Zstd);
+        assert_eq!(header.level, 3);
+        assert!(frame.len() < data.len() / 10);
+        assert_eq!(decode(&ChunkId::digest(&data), &frame).unwrap(), &data[..]);
+    }
+
+    #[test]
+    fn incompressible_is_raw() {
+        let data: Vec<u8> = (0..4096u32)
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
+            .collect();
+        let frame = encode(&data, 3);
+        assert_eq!(FrameHeader::parse(&frame).unwrap().codec, Codec::Raw);
+        assert_eq!(frame.len(), HEADER_LEN + data.len());
+        assert_eq!(decode(&ChunkId::digest(&data), &frame).unwrap(), &data[..]);
+    }
+
+    #[test]
+    fn empty_chunk_round_trips() {
+        let frame = encode(b"", 3);
+        assert_eq!(decode(&ChunkId::digest(b""), &frame).unwrap(), &b""[..]);
+    }
+
+    #[test]
+    fn wrong_id_is_corrupt() {
+        let frame = encode(b"abc", 3);
+        let err = decode(&ChunkId::digest(b"abd"), &frame).unwrap_err();
+        assert!(matches!(err, Error::CorruptChunk { .. }), "{err}");
+    }
+
+    #[test]
+    fn declared_length_bounds_decompression() {
+        let data = vec![0u8; 1 << 20];
+        let mut frame = encode(&data, 3).to_vec();
+        // Claim the chunk is smaller than the zstd frame really expands to.
+        frame[4..8].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(decode_unverified(&frame).is_err());
+        // And a length past the limit is refused before any allocation.
+        frame[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = decode_unverified(&frame).unwrap_err();
+        assert!(err.contains("exceeds"), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        for bad in [
+            &b""[..],
+            b"\x01\x01\x03\x00",
+            b"\x02\x00\x00\x00\x00\x00\x00\x00",
+            b"\x01\x07\x00\x00\x00\x00\x00\x00",
+        ] {
+            assert!(decode_unverified(bad).is_err(), "{bad:?}");
+        }
+    }
+}
