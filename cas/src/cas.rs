@@ -13,7 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::chunker::Chunker;
 use crate::manifest::{ChunkRef, ContentHasher};
-use crate::store::{ChunkStore, SledChunkStore};
+use crate::pack::PackStore;
+use crate::store::ChunkStore;
 use crate::{ChunkId, ChunkerParams, Error, Manifest, ManifestId, Result, frame};
 
 /// Version of the on-disk layout of the store's own trees.
@@ -98,6 +99,8 @@ pub struct GcReport {
     pub chunks_deleted: u64,
     /// Frame bytes removed.
     pub bytes_freed: u64,
+    /// Disk space given back by compacting the chunk store (pack files) afterwards.
+    pub bytes_reclaimed: u64,
 }
 
 /// A chunk that failed verification, with everything that needs it.
@@ -192,11 +195,13 @@ struct Inner<S> {
     /// See the crate docs for why this makes GC safe against concurrent ingests.
     gc_gate: tokio::sync::RwLock<()>,
     location: String,
+    /// Keeps a temporary store's directory alive as long as the store.
+    _temp: Option<tempfile::TempDir>,
 }
 
 /// A content-addressed store of chunks and manifests. Cheap to clone; clones share the store.
 #[derive(Debug)]
-pub struct Cas<S = SledChunkStore> {
+pub struct Cas<S = PackStore> {
     inner: Arc<Inner<S>>,
 }
 
@@ -208,34 +213,36 @@ impl<S> Clone for Cas<S> {
     }
 }
 
-impl Cas<SledChunkStore> {
-    /// Opens (creating if needed) the store in directory `path`, chunks kept in the same sled
-    /// database as the metadata.
+impl Cas<PackStore> {
+    /// Opens (creating if needed) the store in directory `path`: the sled database (metadata
+    /// and chunk index) in `path/index`, chunk frames in pack files under `path/packs`.
     ///
-    /// sled locks the directory: a second open of the same path, from this process or
+    /// sled locks its directory: a second open of the same path, from this process or
     /// another, fails with [`Error::Database`] while the first is open.
     pub fn open(path: impl AsRef<Path>, config: CasConfig) -> Result<Self> {
-        let path = path.as_ref();
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(config.cache_capacity)
-            .open()?;
-        let chunks = SledChunkStore::open(&db)?;
-        Self::with_store(db, chunks, config, path.display().to_string())
+        Self::open_in(path.as_ref(), config, None)
     }
 
-    /// A store in a temporary directory that is deleted when the last clone is dropped.
+    /// A store in a fresh temporary directory, deleted when the last clone is dropped.
     pub fn temporary(config: CasConfig) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().to_path_buf();
+        Self::open_in(&path, config, Some(dir))
+    }
+
+    fn open_in(path: &Path, config: CasConfig, temp: Option<tempfile::TempDir>) -> Result<Self> {
         let db = sled::Config::new()
-            .temporary(true)
+            .path(path.join("index"))
             .cache_capacity(config.cache_capacity)
             .open()?;
-        let chunks = SledChunkStore::open(&db)?;
-        Self::with_store(db, chunks, config, "(temporary)".into())
+        let chunks = PackStore::open(path.join("packs"), &db)?;
+        let mut cas = Self::with_store(db, chunks, config, path.display().to_string())?;
+        Arc::get_mut(&mut cas.inner).expect("not shared yet")._temp = temp;
+        Ok(cas)
     }
 
     /// The chunk store, for tests and harnesses that damage it on purpose.
-    pub fn chunk_store(&self) -> &SledChunkStore {
+    pub fn chunk_store(&self) -> &PackStore {
         &self.inner.chunks
     }
 }
@@ -295,6 +302,7 @@ impl<S: ChunkStore> Cas<S> {
                 leases: Arc::default(),
                 gc_gate: tokio::sync::RwLock::new(()),
                 location,
+                _temp: None,
             }),
         })
     }
@@ -543,6 +551,7 @@ impl<S: ChunkStore> Cas<S> {
             report.bytes_freed += inner.chunks.delete_many(doomed).await?;
         }
         inner.chunks.sync().await?;
+        report.bytes_reclaimed = inner.chunks.compact().await?;
         Ok(report)
     }
 
@@ -562,9 +571,11 @@ impl<S: ChunkStore> Cas<S> {
                 .map(|c| {
                     let inner = Arc::clone(inner);
                     async move {
-                        let verdict = match inner.chunks.get(c.id).await? {
-                            None => Err("listed but not stored".to_string()),
-                            Some(frame) => {
+                        let verdict = match inner.chunks.get(c.id).await {
+                            Err(Error::CorruptChunk { reason, .. }) => Err(reason),
+                            Err(e) => return Err(e),
+                            Ok(None) => Err("listed but not stored".to_string()),
+                            Ok(Some(frame)) => {
                                 tokio::task::spawn_blocking(move || {
                                     frame::decode(&c.id, &frame)
                                         .map(|_| frame.len() as u64)

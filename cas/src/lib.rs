@@ -58,13 +58,15 @@
 //! Leases live in memory: sled's directory lock means one process owns a store, and a crash
 //! drops every ingest in flight together with its leases.
 //!
-//! # Layout in sled
+//! # Layout
+//!
+//! `<store>/index` is the sled database, `<store>/packs/*.pack` hold the chunk frames
+//! ([`PackStore`] says why frames are not sled values). The sled trees:
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `meta` | `format`, `avg_chunk` | u32 big-endian |
-//! | `chunks` | chunk id | frame |
-//! | `chunk_sizes` | chunk id | frame length, u64 big-endian |
+//! | `chunks` | chunk id | location of the frame in a pack file (see [`PackStore`]) |
 //! | `chunk_refs` | chunk id | manifests referencing it, u64 big-endian |
 //! | `manifests` | manifest id | encoded manifest |
 //! | `manifest_refs` | manifest id | holds, u64 big-endian |
@@ -75,6 +77,7 @@ mod error;
 pub mod frame;
 mod id;
 mod manifest;
+mod pack;
 mod store;
 
 pub use cas::{
@@ -85,4 +88,5 @@ pub use chunker::{Chunker, ChunkerParams, MAX_AVG_CHUNK, MAX_CHUNK_LEN, MIN_AVG_
 pub use error::{Error, Result};
 pub use id::{ChunkId, ManifestId, ParseIdError};
 pub use manifest::{ChunkRef, ContentDigests, ContentHasher, Manifest};
-pub use store::{ChunkStore, MemoryChunkStore, SledChunkStore, StoredChunk};
+pub use pack::PackStore;
+pub use store::{ChunkStore, MemoryChunkStore, StoredChunk};

@@ -6,7 +6,7 @@ use std::sync::RwLock;
 
 use bytes::Bytes;
 
-use crate::{ChunkId, Error, Result};
+use crate::{ChunkId, Result};
 
 /// A chunk id with the size of its stored frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,12 @@ pub trait ChunkStore: Send + Sync + 'static {
 
     /// Makes every completed `put_many` and `delete_many` durable.
     fn sync(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Reclaims the space of deleted frames where the store cannot do so on delete (pack
+    /// files). Returns the bytes of disk space given back.
+    fn compact(&self) -> impl Future<Output = Result<u64>> + Send {
+        async { Ok(0) }
+    }
 }
 
 /// An in-memory [`ChunkStore`], for tests and for measuring the layers above storage.
@@ -119,132 +125,8 @@ impl ChunkStore for MemoryChunkStore {
     }
 }
 
-/// The embedded [`ChunkStore`]: frames in a sled tree, their sizes in a second small tree so
-/// that listing and accounting never read a frame.
-#[derive(Debug, Clone)]
-pub struct SledChunkStore {
-    db: sled::Db,
-    frames: sled::Tree,
-    sizes: sled::Tree,
-}
-
-impl SledChunkStore {
-    /// Tree holding chunk id → frame.
-    pub const FRAMES_TREE: &'static str = "chunks";
-    /// Tree holding chunk id → frame length (u64 big-endian).
-    pub const SIZES_TREE: &'static str = "chunk_sizes";
-
-    /// Opens (creating if needed) the chunk trees in `db`.
-    pub fn open(db: &sled::Db) -> Result<Self> {
-        Ok(Self {
-            db: db.clone(),
-            frames: db.open_tree(Self::FRAMES_TREE)?,
-            sizes: db.open_tree(Self::SIZES_TREE)?,
-        })
-    }
-
-    /// Replaces a stored frame as is, to simulate corruption in tests and harnesses.
-    pub fn overwrite_raw(&self, id: ChunkId, frame: &[u8]) -> Result<()> {
-        self.frames.insert(id.as_bytes(), frame)?;
-        Ok(())
-    }
-
-    /// Removes a frame but not its size entry, to simulate a lost chunk in tests.
-    pub fn remove_raw(&self, id: ChunkId) -> Result<()> {
-        self.frames.remove(id.as_bytes())?;
-        Ok(())
-    }
-
-    fn put_blocking(&self, frames: &[(ChunkId, Bytes)]) -> Result<()> {
-        use sled::Transactional;
-        for (id, frame) in frames {
-            if self.sizes.contains_key(id.as_bytes())? {
-                continue;
-            }
-            // Frame first, then size: a crash in between leaves a frame that `list` does not
-            // show yet; the next put of that chunk completes it, and scrub reports it.
-            (&self.frames, &self.sizes)
-                .transaction(|(f, s)| {
-                    f.insert(&id.as_bytes()[..], frame.as_ref())?;
-                    s.insert(&id.as_bytes()[..], &(frame.len() as u64).to_be_bytes())?;
-                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| match e {
-                    sled::transaction::TransactionError::Storage(e) => Error::Database(e),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        Error::Task("chunk put aborted".into())
-                    }
-                })?;
-        }
-        Ok(())
-    }
-}
-
-/// Runs a blocking sled call off the async worker threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+/// Runs a blocking call off the async worker threads.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await?
 }
 
-impl ChunkStore for SledChunkStore {
-    async fn has_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
-        // Only the small size tree is touched; its nodes stay in sled's cache.
-        ids.iter()
-            .map(|id| Ok(self.sizes.contains_key(id.as_bytes())?))
-            .collect()
-    }
-
-    async fn put_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<()> {
-        let this = self.clone();
-        blocking(move || this.put_blocking(&frames)).await
-    }
-
-    async fn get(&self, id: ChunkId) -> Result<Option<Bytes>> {
-        let frames = self.frames.clone();
-        blocking(move || Ok(frames.get(id.as_bytes())?.map(Bytes::from_owner))).await
-    }
-
-    async fn delete_many(&self, ids: Vec<ChunkId>) -> Result<u64> {
-        let this = self.clone();
-        blocking(move || {
-            let mut freed = 0;
-            for id in ids {
-                // Size first: once it is gone the chunk is no longer "present" to has_many.
-                if let Some(size) = this.sizes.remove(id.as_bytes())? {
-                    freed += u64::from_be_bytes(size.as_ref().try_into().unwrap_or([0; 8]));
-                }
-                this.frames.remove(id.as_bytes())?;
-            }
-            Ok(freed)
-        })
-        .await
-    }
-
-    async fn list(&self, after: Option<ChunkId>, limit: usize) -> Result<Vec<StoredChunk>> {
-        let sizes = self.sizes.clone();
-        blocking(move || {
-            let iter = match after {
-                Some(a) => sizes.range((
-                    std::ops::Bound::Excluded(a.as_bytes().to_vec()),
-                    std::ops::Bound::Unbounded,
-                )),
-                None => sizes.iter(),
-            };
-            let mut out = Vec::with_capacity(limit.min(4096));
-            for item in iter.take(limit) {
-                let (k, v) = item?;
-                let id = ChunkId::from_slice(&k).ok_or_else(|| {
-                    Error::Task(format!("bad key of {} bytes in chunk_sizes", k.len()))
-                })?;
-                let frame_len = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
-                out.push(StoredChunk { id, frame_len });
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn sync(&self) -> Result<()> {
-        self.db.flush_async().await?;
-        Ok(())
-    }
-}

@@ -1,0 +1,210 @@
+//! End-to-end ingest/read benchmark of the chunk store, with `zstd -3 -T1` as the same run's
+//! baseline. Prints MB/s and stored bytes; see docs/benchmarks.md.
+//!
+//! ```text
+//! cargo run --release -p sloth-benches --bin e2e -- [--quick] [--random-mib N] [--text FILE]
+//!     [--avg BYTES] [--work DIR] [--only-file FILE]
+//! ```
+//! `--only-file FILE` ingests and reads back just that file (for `time -v` peak-RSS runs).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use sloth_benches::{du_sb, ensure_text_tar, mb_per_s, warm, write_random_file};
+use sloth_cas::{Cas, CasConfig, ChunkerParams};
+
+struct Args {
+    quick: bool,
+    random_mib: u64,
+    text: Option<PathBuf>,
+    avg: Option<u32>,
+    work: PathBuf,
+    only_file: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        quick: false,
+        random_mib: 1024,
+        text: None,
+        avg: None,
+        work: std::env::temp_dir().join("sloth-e2e"),
+        only_file: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--random-mib" => args.random_mib = value()?.parse()?,
+            "--text" => args.text = Some(value()?.into()),
+            "--avg" => args.avg = Some(value()?.parse()?),
+            "--work" => args.work = value()?.into(),
+            "--only-file" => args.only_file = Some(value()?.into()),
+            "--bench" => {} // passed by `cargo bench`
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if args.quick {
+        args.random_mib = args.random_mib.min(64);
+    }
+    Ok(args)
+}
+
+struct Run {
+    ingest: Duration,
+    read: Duration,
+    bytes: u64,
+    stored_growth: u64,
+    new_chunks: u64,
+    chunks: u64,
+}
+
+fn config(avg: Option<u32>) -> Result<CasConfig> {
+    Ok(CasConfig {
+        chunker: avg.map(ChunkerParams::new).transpose()?,
+        ..CasConfig::default()
+    })
+}
+
+/// Ingests `file` into the store at `store` (opened fresh for the run and closed after, so
+/// that `du` sees everything), then reads it back with full verification.
+async fn ingest_and_read(store: &Path, file: &Path, cfg: &CasConfig) -> Result<Run> {
+    let before = if store.exists() { du_sb(store)? } else { 0 };
+    let cas = Cas::open(store, cfg.clone())?;
+    let bytes = std::fs::metadata(file)?.len();
+    let start = Instant::now();
+    let staged = cas.ingest_reader(std::fs::File::open(file)?).await?;
+    let stats = staged.stats();
+    let id = cas.commit(staged).await?;
+    let ingest = start.elapsed();
+
+    let start = Instant::now();
+    let read_bytes = cas.read_to(id, &mut tokio::io::sink()).await?;
+    let read = start.elapsed();
+    if read_bytes != bytes {
+        bail!("read back {read_bytes} bytes of {bytes}");
+    }
+    drop(cas);
+    // sled finishes its background flush on drop; give the directory a moment to settle.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = du_sb(store)?;
+    Ok(Run {
+        ingest,
+        read,
+        bytes,
+        stored_growth: after.saturating_sub(before),
+        new_chunks: stats.new_chunks,
+        chunks: stats.chunks,
+    })
+}
+
+/// Times `zstd -3 -T1 FILE -c > /dev/null`, the baseline every target is a ratio of.
+fn zstd_baseline(file: &Path) -> Result<(Duration, u64)> {
+    let start = Instant::now();
+    let out = Command::new("zstd")
+        .args(["-3", "-T1", "-q", "-c"])
+        .arg(file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running zstd (apt-get install zstd)")?;
+    let mut stdout = out.stdout.context("zstd stdout")?;
+    let compressed = std::io::copy(&mut stdout, &mut std::io::sink())?;
+    Ok((start.elapsed(), compressed))
+}
+
+fn line(label: &str, run: &Run, zstd_mbs: Option<f64>) {
+    let ingest = mb_per_s(run.bytes, run.ingest);
+    let read = mb_per_s(run.bytes, run.read);
+    let ratio = |v: f64| zstd_mbs.map_or(String::new(), |z| format!(" ({:.2}x zstd)", v / z));
+    println!(
+        "{label:<28} {:>8.1} MiB  ingest {ingest:>7.1} MB/s{}  read+verify {read:>7.1} MB/s{}  stored +{} B  chunks {}/{} new",
+        run.bytes as f64 / (1u64 << 20) as f64,
+        ratio(ingest),
+        ratio(read),
+        run.stored_growth,
+        run.new_chunks,
+        run.chunks,
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    std::fs::create_dir_all(&args.work)?;
+    let cfg = config(args.avg)?;
+    let avg = cfg.chunker.unwrap_or_default().avg();
+
+    if let Some(file) = &args.only_file {
+        let store = args.work.join("store-only");
+        let _ = std::fs::remove_dir_all(&store);
+        let run = ingest_and_read(&store, file, &cfg).await?;
+        line("file", &run, None);
+        std::fs::remove_dir_all(&store)?;
+        return Ok(());
+    }
+
+    println!("sloth-cas end-to-end benchmark: avg chunk {avg} B, zstd level {}, {} cores",
+        cfg.zstd_level,
+        std::thread::available_parallelism().map_or(1, |n| n.get()));
+
+    // (b) compressible input and the zstd baseline on the same file, in this run.
+    let text = match &args.text {
+        Some(p) => p.clone(),
+        None => {
+            let p = args.work.join("text-input.tar");
+            ensure_text_tar(&p)?;
+            p
+        }
+    };
+    let text = if args.quick {
+        let cut = args.work.join("text-input-quick.tar");
+        let data = std::fs::read(&text)?;
+        std::fs::write(&cut, &data[..data.len().min(64 << 20)])?;
+        cut
+    } else {
+        text
+    };
+    warm(&text)?;
+    let (zstd_took, zstd_out) = zstd_baseline(&text)?;
+    let text_len = std::fs::metadata(&text)?.len();
+    let zstd_mbs = mb_per_s(text_len, zstd_took);
+    println!(
+        "{:<28} {:>8.1} MiB  zstd -3 -T1 {zstd_mbs:>7.1} MB/s  output {zstd_out} B",
+        "baseline",
+        text_len as f64 / (1u64 << 20) as f64
+    );
+
+    let store = args.work.join("store-text");
+    let _ = std::fs::remove_dir_all(&store);
+    let first = ingest_and_read(&store, &text, &cfg).await?;
+    line("compressible, first ingest", &first, Some(zstd_mbs));
+    let again = ingest_and_read(&store, &text, &cfg).await?;
+    line("compressible, re-ingest", &again, Some(zstd_mbs));
+    let total = du_sb(&store)?;
+    println!(
+        "{:<28} store {total} B on disk ({:.3} of input; zstd -3 alone {:.3}); re-ingest grew it {:.4}%",
+        "",
+        total as f64 / text_len as f64,
+        zstd_out as f64 / text_len as f64,
+        100.0 * again.stored_growth as f64 / first.stored_growth.max(1) as f64,
+    );
+    std::fs::remove_dir_all(&store)?;
+
+    // (a) incompressible input.
+    let random = args.work.join(format!("random-{}m.bin", args.random_mib));
+    if !random.exists() {
+        write_random_file(&random, args.random_mib << 20, 1)?;
+    }
+    warm(&random)?;
+    let store = args.work.join("store-random");
+    let _ = std::fs::remove_dir_all(&store);
+    let run = ingest_and_read(&store, &random, &cfg).await?;
+    line("random, first ingest", &run, Some(zstd_mbs));
+    let run = ingest_and_read(&store, &random, &cfg).await?;
+    line("random, re-ingest", &run, Some(zstd_mbs));
+    std::fs::remove_dir_all(&store)?;
+    Ok(())
+}

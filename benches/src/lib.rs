@@ -1,0 +1,76 @@
+//! Shared helpers for sloth-runner's benchmarks: input generation and measurement.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// Bytes on disk of a directory, as `du -sb` reports them (apparent sizes, every file).
+pub fn du_sb(dir: &Path) -> Result<u64> {
+    let out = Command::new("du").arg("-sb").arg(dir).output().context("running du -sb")?;
+    if !out.status.success() {
+        bail!("du -sb {} failed: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("unexpected du output {text:?}"))
+}
+
+/// Megabytes (10^6 bytes) per second.
+pub fn mb_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9)
+}
+
+/// Writes `len` bytes of deterministic pseudo-random data to `path`, streaming.
+pub fn write_random_file(path: &Path, len: u64, seed: u64) -> Result<()> {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    use std::io::Write;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        rng.fill(&mut block[..n]);
+        file.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    file.flush()?;
+    Ok(())
+}
+
+/// Builds the compressible benchmark input: an uncompressed tar of the system's documentation
+/// and Python library folders (those that exist), written to `path` if it is not there yet.
+pub fn ensure_text_tar(path: &Path) -> Result<u64> {
+    if !path.exists() {
+        let candidates = ["/usr/share/doc", "/usr/lib/python3", "/usr/lib/python3.11"];
+        let dirs: Vec<&str> = candidates.into_iter().filter(|d| Path::new(d).is_dir()).collect();
+        if dirs.is_empty() {
+            bail!("none of {candidates:?} exist; pass --text FILE");
+        }
+        let status = Command::new("tar")
+            .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner"])
+            .arg("-cf")
+            .arg(path)
+            .args(&dirs)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("running tar")?;
+        // tar exits 1 when files changed while reading; the archive is still usable.
+        if !matches!(status.code(), Some(0 | 1)) {
+            bail!("tar of {dirs:?} failed: {status}");
+        }
+    }
+    Ok(std::fs::metadata(path)?.len())
+}
+
+/// Reads a file once so that later timed reads come from the page cache, as they do for the
+/// baseline.
+pub fn warm(path: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    std::io::copy(&mut f, &mut std::io::sink())?;
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! The embedded chunk store: frames appended to pack files, located through a sled index keyed
+//! by chunk id.
+//!
+//! sled keeps values inside its tree nodes and rewrites a whole node on every change, so
+//! frames of hundreds of KiB stored as sled values cost about twice their size on disk (measured:
+//! 64 MiB of chunks took 120 MB of sled blob files). Frames therefore go to append-only pack
+//! files, and sled holds only the 16-byte location of each.
+//!
+//! ```text
+//! packs/<8 hex digits>.pack   "SLPK" version u32=1, then records:
+//!                             chunk id [32], frame length u32 LE, frame
+//! sled tree `chunks`          chunk id -> pack u32 BE, record offset u64 BE, frame length u32 BE
+//! ```
+//!
+//! Durability: a put appends to the current pack and is visible in memory at once, but its
+//! index entry reaches sled only in [`ChunkStore::sync`], after the pack has been fsynced. A
+//! crash therefore loses at most frames that no durable index entry points at; every process
+//! starts a new pack, so a torn tail is never appended to. Records carry their chunk id, so a
+//! pack can be checked (and the index rebuilt) from the packs alone.
+//!
+//! Deleting removes the index entry; [`ChunkStore::compact`] later rewrites packs that are
+//! mostly dead (live frames are copied to the current pack, the index is switched with
+//! compare-and-swap so that a concurrent delete wins) and removes packs with nothing live.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+
+use crate::store::{ChunkStore, StoredChunk, blocking};
+use crate::{ChunkId, Error, Result};
+
+const PACK_MAGIC: &[u8; 4] = b"SLPK";
+const PACK_VERSION: u32 = 1;
+const PACK_HEADER_LEN: u64 = 8;
+const RECORD_HEADER_LEN: u64 = 32 + 4;
+/// A pack is closed and a new one started past this size.
+const DEFAULT_PACK_TARGET: u64 = 256 << 20;
+/// Compaction rewrites a closed pack when less than this share of it is live.
+const COMPACT_LIVE_RATIO: f64 = 0.5;
+
+/// Where a frame lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    pack: u32,
+    /// Offset of the record (its header), not of the frame.
+    offset: u64,
+    frame_len: u32,
+}
+
+impl Loc {
+    fn encode(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..4].copy_from_slice(&self.pack.to_be_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_be_bytes());
+        out[12..].copy_from_slice(&self.frame_len.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; 16] = bytes.try_into().ok()?;
+        Some(Self {
+            pack: u32::from_be_bytes(bytes[..4].try_into().ok()?),
+            offset: u64::from_be_bytes(bytes[4..12].try_into().ok()?),
+            frame_len: u32::from_be_bytes(bytes[12..].try_into().ok()?),
+        })
+    }
+
+    /// Bytes the record takes in its pack.
+    fn record_len(self) -> u64 {
+        RECORD_HEADER_LEN + u64::from(self.frame_len)
+    }
+}
+
+#[derive(Debug)]
+struct Writer {
+    pack: u32,
+    file: Arc<File>,
+    len: u64,
+}
+
+#[derive(Debug, Default)]
+struct WriteState {
+    writer: Option<Writer>,
+    /// Packs written since the last sync, to fsync before their index entries go to sled.
+    unsynced: Vec<Arc<File>>,
+    /// Frames appended but not yet indexed in sled.
+    pending: HashMap<ChunkId, Loc>,
+    next_pack: u32,
+}
+
+#[derive(Debug)]
+struct PackInner {
+    dir: PathBuf,
+    db: sled::Db,
+    index: sled::Tree,
+    state: Mutex<WriteState>,
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+    pack_target: u64,
+}
+
+/// The embedded [`ChunkStore`]: pack files under `<store>/packs`, index in sled. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PackStore {
+    inner: Arc<PackInner>,
+}
+
+impl PackStore {
+    /// Tree holding chunk id → location.
+    pub const INDEX_TREE: &'static str = "chunks";
+
+    /// Opens the pack store in `dir` (created if needed), indexed in `db`.
+    pub fn open(dir: impl AsRef<Path>, db: &sled::Db) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)?;
+        let mut next_pack = 0;
+        for entry in std::fs::read_dir(&dir)? {
+            if let Some(n) = pack_number(&entry?.path()) {
+                next_pack = next_pack.max(n + 1);
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(PackInner {
+                index: db.open_tree(Self::INDEX_TREE)?,
+                db: db.clone(),
+                dir,
+                state: Mutex::new(WriteState {
+                    next_pack,
+                    ..WriteState::default()
+                }),
+                readers: RwLock::default(),
+                pack_target: DEFAULT_PACK_TARGET,
+            }),
+        })
+    }
+
+    /// The directory holding the packs.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Overwrites the stored frame of `id` in place (same length, or shorter), to simulate
+    /// corruption in tests and harnesses.
+    pub fn corrupt_in_place(&self, id: ChunkId, frame: &[u8]) -> Result<()> {
+        let loc = self.inner.locate(id)?.ok_or_else(|| Error::Task(format!("chunk {id} not stored")))?;
+        if frame.len() > loc.frame_len as usize {
+            return Err(Error::Task("replacement frame is longer than the stored one".into()));
+        }
+        let file = OpenOptions::new().write(true).open(self.inner.pack_path(loc.pack))?;
+        file.write_all_at(frame, loc.offset + RECORD_HEADER_LEN)?;
+        file.sync_all()?;
+        Ok(())
+    }
+
+    /// Removes the index entry of `id` without any accounting, to simulate a lost chunk.
+    pub fn remove_raw(&self, id: ChunkId) -> Result<()> {
+        self.inner.lock().pending.remove(&id);
+        self.inner.index.remove(id.as_bytes())?;
+        Ok(())
+    }
+}
+
+fn pack_number(path: &Path) -> Option<u32> {
+    if path.extension()? != "pack" {
+        return None;
+    }
+    u32::from_str_radix(path.file_stem()?.to_str()?, 16).ok()
+}
+
+impl PackInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriteState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pack_path(&self, pack: u32) -> PathBuf {
+        self.dir.join(format!("{pack:08x}.pack"))
+    }
+
+    fn locate(&self, id: ChunkId) -> Result<Option<Loc>> {
+        if let Some(loc) = self.lock().pending.get(&id) {
+            return Ok(Some(*loc));
+        }
+        Ok(self.index.get(id.as_bytes())?.and_then(|v| Loc::decode(&v)))
+    }
+
+    fn contains(&self, state: &WriteState, id: &ChunkId) -> Result<bool> {
+        Ok(state.pending.contains_key(id) || self.index.contains_key(id.as_bytes())?)
+    }
+
+    fn reader(&self, pack: u32) -> Result<Arc<File>> {
+        if let Some(f) = self.readers.read().unwrap_or_else(|e| e.into_inner()).get(&pack) {
+            return Ok(Arc::clone(f));
+        }
+        let file = Arc::new(File::open(self.pack_path(pack))?);
+        self.readers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pack, Arc::clone(&file));
+        Ok(file)
+    }
+
+    /// Appends one record to the current pack (starting a new one when needed).
+    fn append(&self, state: &mut WriteState, id: &ChunkId, frame: &[u8]) -> Result<Loc> {
+        let frame_len = u32::try_from(frame.len()).map_err(|_| Error::Task("frame over 4 GiB".into()))?;
+        if state.writer.as_ref().is_none_or(|w| w.len >= self.pack_target) {
+            self.start_pack(state)?;
+        }
+        let w = state.writer.as_mut().expect("started above");
+        let mut record = Vec::with_capacity(RECORD_HEADER_LEN as usize + frame.len());
+        record.extend_from_slice(id.as_bytes());
+        record.extend_from_slice(&frame_len.to_le_bytes());
+        record.extend_from_slice(frame);
+        w.file.write_all_at(&record, w.len)?;
+        let loc = Loc {
+            pack: w.pack,
+            offset: w.len,
+            frame_len,
+        };
+        w.len += record.len() as u64;
+        Ok(loc)
+    }
+
+    fn start_pack(&self, state: &mut WriteState) -> Result<()> {
+        let pack = state.next_pack;
+        state.next_pack += 1;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.pack_path(pack))?;
+        file.write_all(PACK_MAGIC)?;
+        file.write_all(&PACK_VERSION.to_le_bytes())?;
+        let file = Arc::new(file);
+        state.unsynced.push(Arc::clone(&file));
+        self.readers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pack, Arc::clone(&file));
+        // A new pack file is durable only once its directory entry is.
+        File::open(&self.dir)?.sync_all()?;
+        state.writer = Some(Writer {
+            pack,
+            file,
+            len: PACK_HEADER_LEN,
+        });
+        Ok(())
+    }
+
+    /// fsyncs the packs written since the last sync, then indexes their frames in sled.
+    fn sync(&self) -> Result<()> {
+        let mut state = self.lock();
+        if let Some(w) = &state.writer {
+            if !state.unsynced.iter().any(|f| Arc::ptr_eq(f, &w.file)) {
+                let file = Arc::clone(&w.file);
+                state.unsynced.push(file);
+            }
+        }
+        for file in state.unsynced.drain(..) {
+            file.sync_data()?;
+        }
+        let mut batch = sled::Batch::default();
+        for (id, loc) in state.pending.drain() {
+            batch.insert(&id.as_bytes()[..], &loc.encode()[..]);
+        }
+        self.index.apply_batch(batch)?;
+        drop(state);
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn read_frame(&self, id: ChunkId, loc: Loc) -> Result<Bytes> {
+        let file = self.reader(loc.pack)?;
+        let mut record = vec![0u8; loc.record_len() as usize];
+        file.read_exact_at(&mut record, loc.offset)?;
+        if record[..32] != id.as_bytes()[..] {
+            return Err(Error::CorruptChunk {
+                id,
+                reason: format!("pack {:08x} holds another chunk at offset {}", loc.pack, loc.offset),
+            });
+        }
+        let stored_len = u32::from_le_bytes(record[32..36].try_into().expect("4 bytes"));
+        if stored_len != loc.frame_len {
+            return Err(Error::CorruptChunk {
+                id,
+                reason: format!("pack record says {stored_len} bytes, index says {}", loc.frame_len),
+            });
+        }
+        let mut frame = Bytes::from(record);
+        Ok(frame.split_off(RECORD_HEADER_LEN as usize))
+    }
+
+    fn get(&self, id: ChunkId) -> Result<Option<Bytes>> {
+        // Compaction may move a frame and delete its old pack between the lookup and the read;
+        // a second lookup then finds the new place.
+        for attempt in 0..2 {
+            let Some(loc) = self.locate(id)? else {
+                return Ok(None);
+            };
+            match self.read_frame(id, loc) {
+                Err(Error::Io(e)) if attempt == 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(Error::CorruptChunk {
+                        id,
+                        reason: format!("pack {:08x} is truncated", loc.pack),
+                    });
+                }
+                other => return other.map(Some),
+            }
+        }
+        Ok(None)
+    }
+
+    fn compact(&self) -> Result<u64> {
+        // Close the current pack; packs numbered from `limit` on are written after this point
+        // (by puts running concurrently, or by this compaction's own copies) and are left alone.
+        let limit = {
+            let mut state = self.lock();
+            if let Some(w) = state.writer.take() {
+                state.unsynced.push(w.file);
+            }
+            state.next_pack
+        };
+        // Index everything written before: a frame still pending would look dead below.
+        self.sync()?;
+
+        let mut live: BTreeMap<u32, Vec<(ChunkId, Loc)>> = BTreeMap::new();
+        for item in self.index.iter() {
+            let (key, value) = item?;
+            if let (Some(id), Some(loc)) = (ChunkId::from_slice(&key), Loc::decode(&value)) {
+                live.entry(loc.pack).or_default().push((id, loc));
+            }
+        }
+        let mut packs = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if let Some(n) = pack_number(&path).filter(|n| *n < limit) {
+                packs.push((n, std::fs::metadata(&path)?.len()));
+            }
+        }
+        let mut freed = 0;
+        for (pack, size) in packs {
+            let entries = live.remove(&pack).unwrap_or_default();
+            let live_bytes: u64 = PACK_HEADER_LEN + entries.iter().map(|(_, l)| l.record_len()).sum::<u64>();
+            if entries.is_empty() {
+                self.remove_pack(pack)?;
+                freed += size;
+                continue;
+            }
+            if (live_bytes as f64) >= COMPACT_LIVE_RATIO * size as f64 {
+                continue;
+            }
+            let mut moved = Vec::with_capacity(entries.len());
+            for (id, old) in entries {
+                let frame = self.read_frame(id, old)?;
+                let new = {
+                    let mut state = self.lock();
+                    self.append(&mut state, &id, &frame)?
+                };
+                moved.push((id, old, new));
+            }
+            // The copies must be durable before the index points at them.
+            let files: Vec<Arc<File>> = self.lock().writer.iter().map(|w| Arc::clone(&w.file)).collect();
+            for f in files {
+                f.sync_data()?;
+            }
+            for (id, old, new) in moved {
+                // A delete (or another move) in the meantime wins: the copy is left dead.
+                let _ = self
+                    .index
+                    .compare_and_swap(id.as_bytes(), Some(&old.encode()[..]), Some(&new.encode()[..]))?;
+            }
+            self.db.flush()?;
+            self.remove_pack(pack)?;
+            freed += size.saturating_sub(live_bytes);
+        }
+        Ok(freed)
+    }
+
+    fn remove_pack(&self, pack: u32) -> Result<()> {
+        self.readers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pack);
+        std::fs::remove_file(self.pack_path(pack))?;
+        Ok(())
+    }
+}
+
+impl ChunkStore for PackStore {
+    async fn has_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
+        let state = self.inner.lock();
+        ids.iter().map(|id| self.inner.contains(&state, id)).collect()
+    }
+
+    async fn put_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let mut state = inner.lock();
+            for (id, frame) in frames {
+                if inner.contains(&state, &id)? {
+                    continue;
+                }
+                let loc = inner.append(&mut state, &id, &frame)?;
+                state.pending.insert(id, loc);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get(&self, id: ChunkId) -> Result<Option<Bytes>> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.get(id)).await
+    }
+
+    async fn delete_many(&self, ids: Vec<ChunkId>) -> Result<u64> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let mut freed = 0;
+            let mut state = inner.lock();
+            for id in ids {
+                if let Some(loc) = state.pending.remove(&id) {
+                    freed += u64::from(loc.frame_len);
+                } else if let Some(v) = inner.index.remove(id.as_bytes())? {
+                    freed += Loc::decode(&v).map_or(0, |l| u64::from(l.frame_len));
+                }
+            }
+            Ok(freed)
+        })
+        .await
+    }
+
+    async fn list(&self, after: Option<ChunkId>, limit: usize) -> Result<Vec<StoredChunk>> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            // Pending frames are listed too: they are stored, only not yet indexed durably.
+            let mut all: BTreeMap<ChunkId, u64> = {
+                let state = inner.lock();
+                state
+                    .pending
+                    .iter()
+                    .filter(|(id, _)| after.is_none_or(|a| **id > a))
+                    .map(|(id, loc)| (*id, u64::from(loc.frame_len)))
+                    .collect()
+            };
+            let iter = match after {
+                Some(a) => inner.index.range((
+                    std::ops::Bound::Excluded(a.as_bytes().to_vec()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => inner.index.iter(),
+            };
+            for item in iter.take(limit) {
+                let (k, v) = item?;
+                let id = ChunkId::from_slice(&k)
+                    .ok_or_else(|| Error::Task(format!("bad key of {} bytes in the chunk index", k.len())))?;
+                let frame_len = Loc::decode(&v).map_or(0, |l| u64::from(l.frame_len));
+                all.insert(id, frame_len);
+            }
+            Ok(all
+                .into_iter()
+                .take(limit)
+                .map(|(id, frame_len)| StoredChunk { id, frame_len })
+                .collect())
+        })
+        .await
+    }
+
+    async fn sync(&self) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.sync()).await
+    }
+
+    async fn compact(&self) -> Result<u64> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.compact()).await
+    }
+}

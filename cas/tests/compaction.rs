@@ -1,0 +1,46 @@
+//! Deleted content gives its disk space back, and what is still referenced survives the move.
+
+mod common;
+
+use common::{random_bytes, read_all, small_chunks};
+use sloth_cas::Cas;
+
+fn packs_bytes(cas: &Cas) -> u64 {
+    std::fs::read_dir(cas.chunk_store().dir())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_compacts_packs_and_keeps_live_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = random_bytes(1, 300_000);
+    let drop_a = random_bytes(2, 2_000_000);
+    let (keep_id, drop_id) = {
+        let cas = Cas::open(dir.path(), small_chunks()).unwrap();
+        // Both land in one pack: most of it will be dead after the release.
+        let staged_keep = cas.ingest_bytes(keep.clone()).await.unwrap();
+        let staged_drop = cas.ingest_bytes(drop_a.clone()).await.unwrap();
+        (cas.commit(staged_keep).await.unwrap(), cas.commit(staged_drop).await.unwrap())
+    };
+    let cas = Cas::open(dir.path(), small_chunks()).unwrap();
+    let before = packs_bytes(&cas);
+    assert!(cas.release(drop_id).await.unwrap());
+    let report = cas.gc().await.unwrap();
+    let after = packs_bytes(&cas);
+    eprintln!("{report:?}, packs {before} -> {after} bytes");
+    assert!(report.bytes_reclaimed >= 1_900_000, "{report:?}");
+    assert!(after < before / 4, "packs {before} -> {after}");
+    assert_eq!(read_all(&cas, keep_id).await.unwrap(), keep);
+    assert!(cas.scrub().await.unwrap().is_clean());
+    drop(cas);
+
+    // And after a reopen, the moved chunks are found where compaction put them.
+    let cas = Cas::open(dir.path(), small_chunks()).unwrap();
+    assert_eq!(read_all(&cas, keep_id).await.unwrap(), keep);
+    cas.release(keep_id).await.unwrap();
+    cas.gc().await.unwrap();
+    assert_eq!(packs_bytes(&cas), 0, "nothing live, no pack left");
+    assert_eq!(cas.stats().await.unwrap().chunks, 0);
+}

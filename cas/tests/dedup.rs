@@ -1,0 +1,55 @@
+//! Deduplication: a modified copy of a large file stores only what changed.
+
+mod common;
+
+use common::{random_bytes, read_all};
+use sloth_cas::{Cas, CasConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modified_copy_adds_little() {
+    let cas = Cas::temporary(CasConfig::default()).unwrap();
+    let original = random_bytes(42, 64 << 20);
+    let first = cas.ingest_bytes(original.clone()).await.unwrap();
+    assert_eq!(first.stats().new_bytes, 64 << 20);
+    let first_id = cas.commit(first).await.unwrap();
+
+    // 1 MiB overwritten in the middle, 100 bytes inserted near the start.
+    let mut modified = original.clone();
+    let mid = modified.len() / 2;
+    modified[mid..mid + (1 << 20)].copy_from_slice(&random_bytes(43, 1 << 20));
+    modified.splice(4096..4096, random_bytes(44, 100));
+
+    let second = cas.ingest_bytes(modified.clone()).await.unwrap();
+    let added = second.stats().new_bytes;
+    eprintln!(
+        "modified copy: {} of {} chunks new, {added} bytes added",
+        second.stats().new_chunks,
+        second.stats().chunks
+    );
+    assert!(added <= 4 << 20, "second ingest added {added} bytes, more than 4 MiB");
+    let second_id = cas.commit(second).await.unwrap();
+
+    assert_eq!(read_all(&cas, first_id).await.unwrap(), original);
+    assert_eq!(read_all(&cas, second_id).await.unwrap(), modified);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_content_shares_one_manifest() {
+    let cas = Cas::temporary(CasConfig::default()).unwrap();
+    let data = random_bytes(1, 3 << 20);
+    let a = cas.commit(cas.ingest_bytes(data.clone()).await.unwrap()).await.unwrap();
+    let again = cas.ingest_bytes(data.clone()).await.unwrap();
+    assert_eq!(again.stats().new_chunks, 0);
+    assert_eq!(again.stats().new_stored_bytes, 0);
+    let b = cas.commit(again).await.unwrap();
+    assert_eq!(a, b);
+    // Two holds: the first release keeps the content, the second deletes it.
+    assert!(!cas.release(a).await.unwrap());
+    assert_eq!(read_all(&cas, a).await.unwrap(), data);
+    assert!(cas.release(a).await.unwrap());
+    assert!(!cas.contains_manifest(a).unwrap());
+    let gc = cas.gc().await.unwrap();
+    assert!(gc.chunks_deleted > 0);
+    assert_eq!(cas.stats().await.unwrap().chunks, 0);
+    assert!(matches!(cas.release(a).await, Err(sloth_cas::Error::ManifestNotFound(_))));
+}
