@@ -7,14 +7,23 @@ use sloth_cas::{ChunkId, Chunker, ChunkerParams, ContentHasher, frame};
 
 /// 8 MiB of text-like data: half words, half pseudo-random, so zstd has real work.
 fn input() -> Vec<u8> {
-    let words: Vec<&[u8]> = vec![b"fn ", b"let ", b"artifact", b"chunk", b" = ", b"{\n", b"}\n", b"stack"];
+    let words: Vec<&[u8]> = vec![
+        b"fn ",
+        b"let ",
+        b"artifact",
+        b"chunk",
+        b" = ",
+        b"{\n",
+        b"}\n",
+        b"stack",
+    ];
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut out = Vec::with_capacity(8 << 20);
     while out.len() < 8 << 20 {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        if state % 4 == 0 {
+        if state.is_multiple_of(4) {
             out.extend_from_slice(&state.to_le_bytes());
         } else {
             out.extend_from_slice(words[(state >> 8) as usize % words.len()]);
@@ -32,10 +41,16 @@ fn benches(c: &mut Criterion) {
     for avg in [64 * 1024, 256 * 1024, 512 * 1024] {
         let params = ChunkerParams::new(avg).expect("valid");
         g.bench_function(format!("chunk/stream/avg{}k", avg / 1024), |b| {
-            b.iter(|| Chunker::new(&data[..], params).map(|c| c.map(|c| c.len())).sum::<std::io::Result<usize>>())
+            b.iter(|| {
+                Chunker::new(&data[..], params)
+                    .map(|c| c.map(|c| c.len()))
+                    .sum::<std::io::Result<usize>>()
+            })
         });
     }
-    g.bench_function("hash/blake3", |b| b.iter(|| ChunkId::digest(black_box(&data))));
+    g.bench_function("hash/blake3", |b| {
+        b.iter(|| ChunkId::digest(black_box(&data)))
+    });
     g.bench_function("hash/sha256", |b| {
         use sha2::Digest;
         b.iter(|| sha2::Sha256::digest(black_box(&data)))
@@ -49,15 +64,30 @@ fn benches(c: &mut Criterion) {
     });
 
     let params = ChunkerParams::default();
-    let chunks: Vec<_> = Chunker::new(&data[..], params).map(|c| c.expect("in memory")).collect();
+    let chunks: Vec<_> = Chunker::new(&data[..], params)
+        .map(|c| c.expect("in memory"))
+        .collect();
     for level in [1, 3, 9] {
         g.bench_function(format!("frame/encode/zstd{level}"), |b| {
-            b.iter(|| chunks.iter().map(|c| frame::encode(c, level).len()).sum::<usize>())
+            b.iter(|| {
+                chunks
+                    .iter()
+                    .map(|c| frame::encode(c, level).len())
+                    .sum::<usize>()
+            })
         });
     }
-    let frames: Vec<_> = chunks.iter().map(|c| (ChunkId::digest(c), frame::encode(c, 3))).collect();
+    let frames: Vec<_> = chunks
+        .iter()
+        .map(|c| (ChunkId::digest(c), frame::encode(c, 3)))
+        .collect();
     g.bench_function("frame/decode+verify", |b| {
-        b.iter(|| frames.iter().map(|(id, f)| frame::decode(id, f).map(|d| d.len())).sum::<sloth_cas::Result<usize>>())
+        b.iter(|| {
+            frames
+                .iter()
+                .map(|(id, f)| frame::decode(id, f).map(|d| d.len()))
+                .sum::<sloth_cas::Result<usize>>()
+        })
     });
     g.finish();
 }

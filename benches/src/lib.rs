@@ -8,9 +8,17 @@ use anyhow::{Context, Result, bail};
 
 /// Bytes on disk of a directory, as `du -sb` reports them (apparent sizes, every file).
 pub fn du_sb(dir: &Path) -> Result<u64> {
-    let out = Command::new("du").arg("-sb").arg(dir).output().context("running du -sb")?;
+    let out = Command::new("du")
+        .arg("-sb")
+        .arg(dir)
+        .output()
+        .context("running du -sb")?;
     if !out.status.success() {
-        bail!("du -sb {} failed: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "du -sb {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
@@ -47,12 +55,21 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) -> Result<()> {
 pub fn ensure_text_tar(path: &Path) -> Result<u64> {
     if !path.exists() {
         let candidates = ["/usr/share/doc", "/usr/lib/python3", "/usr/lib/python3.11"];
-        let dirs: Vec<&str> = candidates.into_iter().filter(|d| Path::new(d).is_dir()).collect();
+        let dirs: Vec<&str> = candidates
+            .into_iter()
+            .filter(|d| Path::new(d).is_dir())
+            .collect();
         if dirs.is_empty() {
             bail!("none of {candidates:?} exist; pass --text FILE");
         }
         let status = Command::new("tar")
-            .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner"])
+            .args([
+                "--sort=name",
+                "--mtime=@0",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+            ])
             .arg("-cf")
             .arg(path)
             .args(&dirs)

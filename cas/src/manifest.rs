@@ -177,7 +177,7 @@ impl Manifest {
         };
         let count = u32_at(80) as usize;
         let body = &bytes[FIXED_LEN..];
-        if body.len() / ENTRY_LEN != count || body.len() % ENTRY_LEN != 0 {
+        if body.len() / ENTRY_LEN != count || !body.len().is_multiple_of(ENTRY_LEN) {
             return Err(bad(format!(
                 "{count} chunks declared but {} bytes of entries",
                 body.len()

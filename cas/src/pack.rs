@@ -146,11 +146,18 @@ impl PackStore {
     /// Overwrites the stored frame of `id` in place (same length, or shorter), to simulate
     /// corruption in tests and harnesses.
     pub fn corrupt_in_place(&self, id: ChunkId, frame: &[u8]) -> Result<()> {
-        let loc = self.inner.locate(id)?.ok_or_else(|| Error::Task(format!("chunk {id} not stored")))?;
+        let loc = self
+            .inner
+            .locate(id)?
+            .ok_or_else(|| Error::Task(format!("chunk {id} not stored")))?;
         if frame.len() > loc.frame_len as usize {
-            return Err(Error::Task("replacement frame is longer than the stored one".into()));
+            return Err(Error::Task(
+                "replacement frame is longer than the stored one".into(),
+            ));
         }
-        let file = OpenOptions::new().write(true).open(self.inner.pack_path(loc.pack))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(self.inner.pack_path(loc.pack))?;
         file.write_all_at(frame, loc.offset + RECORD_HEADER_LEN)?;
         file.sync_all()?;
         Ok(())
@@ -192,7 +199,12 @@ impl PackInner {
     }
 
     fn reader(&self, pack: u32) -> Result<Arc<File>> {
-        if let Some(f) = self.readers.read().unwrap_or_else(|e| e.into_inner()).get(&pack) {
+        if let Some(f) = self
+            .readers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pack)
+        {
             return Ok(Arc::clone(f));
         }
         let file = Arc::new(File::open(self.pack_path(pack))?);
@@ -205,8 +217,13 @@ impl PackInner {
 
     /// Appends one record to the current pack (starting a new one when needed).
     fn append(&self, state: &mut WriteState, id: &ChunkId, frame: &[u8]) -> Result<Loc> {
-        let frame_len = u32::try_from(frame.len()).map_err(|_| Error::Task("frame over 4 GiB".into()))?;
-        if state.writer.as_ref().is_none_or(|w| w.len >= self.pack_target) {
+        let frame_len =
+            u32::try_from(frame.len()).map_err(|_| Error::Task("frame over 4 GiB".into()))?;
+        if state
+            .writer
+            .as_ref()
+            .is_none_or(|w| w.len >= self.pack_target)
+        {
             self.start_pack(state)?;
         }
         let w = state.writer.as_mut().expect("started above");
@@ -253,11 +270,11 @@ impl PackInner {
     /// fsyncs the packs written since the last sync, then indexes their frames in sled.
     fn sync(&self) -> Result<()> {
         let mut state = self.lock();
-        if let Some(w) = &state.writer {
-            if !state.unsynced.iter().any(|f| Arc::ptr_eq(f, &w.file)) {
-                let file = Arc::clone(&w.file);
-                state.unsynced.push(file);
-            }
+        if let Some(w) = &state.writer
+            && !state.unsynced.iter().any(|f| Arc::ptr_eq(f, &w.file))
+        {
+            let file = Arc::clone(&w.file);
+            state.unsynced.push(file);
         }
         for file in state.unsynced.drain(..) {
             file.sync_data()?;
@@ -279,14 +296,20 @@ impl PackInner {
         if record[..32] != id.as_bytes()[..] {
             return Err(Error::CorruptChunk {
                 id,
-                reason: format!("pack {:08x} holds another chunk at offset {}", loc.pack, loc.offset),
+                reason: format!(
+                    "pack {:08x} holds another chunk at offset {}",
+                    loc.pack, loc.offset
+                ),
             });
         }
         let stored_len = u32::from_le_bytes(record[32..36].try_into().expect("4 bytes"));
         if stored_len != loc.frame_len {
             return Err(Error::CorruptChunk {
                 id,
-                reason: format!("pack record says {stored_len} bytes, index says {}", loc.frame_len),
+                reason: format!(
+                    "pack record says {stored_len} bytes, index says {}",
+                    loc.frame_len
+                ),
             });
         }
         let mut frame = Bytes::from(record);
@@ -301,7 +324,9 @@ impl PackInner {
                 return Ok(None);
             };
             match self.read_frame(id, loc) {
-                Err(Error::Io(e)) if attempt == 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(Error::Io(e)) if attempt == 0 && e.kind() == std::io::ErrorKind::NotFound => {
+                    continue;
+                }
                 Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Err(Error::CorruptChunk {
                         id,
@@ -344,7 +369,8 @@ impl PackInner {
         let mut freed = 0;
         for (pack, size) in packs {
             let entries = live.remove(&pack).unwrap_or_default();
-            let live_bytes: u64 = PACK_HEADER_LEN + entries.iter().map(|(_, l)| l.record_len()).sum::<u64>();
+            let live_bytes: u64 =
+                PACK_HEADER_LEN + entries.iter().map(|(_, l)| l.record_len()).sum::<u64>();
             if entries.is_empty() {
                 self.remove_pack(pack)?;
                 freed += size;
@@ -363,15 +389,22 @@ impl PackInner {
                 moved.push((id, old, new));
             }
             // The copies must be durable before the index points at them.
-            let files: Vec<Arc<File>> = self.lock().writer.iter().map(|w| Arc::clone(&w.file)).collect();
+            let files: Vec<Arc<File>> = self
+                .lock()
+                .writer
+                .iter()
+                .map(|w| Arc::clone(&w.file))
+                .collect();
             for f in files {
                 f.sync_data()?;
             }
             for (id, old, new) in moved {
                 // A delete (or another move) in the meantime wins: the copy is left dead.
-                let _ = self
-                    .index
-                    .compare_and_swap(id.as_bytes(), Some(&old.encode()[..]), Some(&new.encode()[..]))?;
+                let _ = self.index.compare_and_swap(
+                    id.as_bytes(),
+                    Some(&old.encode()[..]),
+                    Some(&new.encode()[..]),
+                )?;
             }
             self.db.flush()?;
             self.remove_pack(pack)?;
@@ -393,7 +426,9 @@ impl PackInner {
 impl ChunkStore for PackStore {
     async fn has_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
         let state = self.inner.lock();
-        ids.iter().map(|id| self.inner.contains(&state, id)).collect()
+        ids.iter()
+            .map(|id| self.inner.contains(&state, id))
+            .collect()
     }
 
     async fn put_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<()> {
@@ -456,8 +491,9 @@ impl ChunkStore for PackStore {
             };
             for item in iter.take(limit) {
                 let (k, v) = item?;
-                let id = ChunkId::from_slice(&k)
-                    .ok_or_else(|| Error::Task(format!("bad key of {} bytes in the chunk index", k.len())))?;
+                let id = ChunkId::from_slice(&k).ok_or_else(|| {
+                    Error::Task(format!("bad key of {} bytes in the chunk index", k.len()))
+                })?;
                 let frame_len = Loc::decode(&v).map_or(0, |l| u64::from(l.frame_len));
                 all.insert(id, frame_len);
             }

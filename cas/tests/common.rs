@@ -14,7 +14,16 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 
 /// Text-like, compressible bytes.
 pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let words = ["sloth ", "runner ", "artifact ", "chunk ", "stack ", "task\n", "build ", "deploy "];
+    let words = [
+        "sloth ",
+        "runner ",
+        "artifact ",
+        "chunk ",
+        "stack ",
+        "task\n",
+        "build ",
+        "deploy ",
+    ];
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(len + 16);
     while out.len() < len {

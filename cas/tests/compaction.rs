@@ -7,8 +7,8 @@ use sloth_cas::Cas;
 
 fn packs_bytes(cas: &Cas) -> u64 {
     std::fs::read_dir(cas.chunk_store().dir())
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
+        .expect("packs dir")
+        .map(|e| e.and_then(|e| e.metadata()).expect("pack metadata").len())
         .sum()
 }
 
@@ -22,7 +22,10 @@ async fn gc_compacts_packs_and_keeps_live_content() {
         // Both land in one pack: most of it will be dead after the release.
         let staged_keep = cas.ingest_bytes(keep.clone()).await.unwrap();
         let staged_drop = cas.ingest_bytes(drop_a.clone()).await.unwrap();
-        (cas.commit(staged_keep).await.unwrap(), cas.commit(staged_drop).await.unwrap())
+        (
+            cas.commit(staged_keep).await.unwrap(),
+            cas.commit(staged_drop).await.unwrap(),
+        )
     };
     let cas = Cas::open(dir.path(), small_chunks()).unwrap();
     let before = packs_bytes(&cas);

@@ -26,7 +26,10 @@ async fn modified_copy_adds_little() {
         second.stats().new_chunks,
         second.stats().chunks
     );
-    assert!(added <= 4 << 20, "second ingest added {added} bytes, more than 4 MiB");
+    assert!(
+        added <= 4 << 20,
+        "second ingest added {added} bytes, more than 4 MiB"
+    );
     let second_id = cas.commit(second).await.unwrap();
 
     assert_eq!(read_all(&cas, first_id).await.unwrap(), original);
@@ -37,7 +40,10 @@ async fn modified_copy_adds_little() {
 async fn identical_content_shares_one_manifest() {
     let cas = Cas::temporary(CasConfig::default()).unwrap();
     let data = random_bytes(1, 3 << 20);
-    let a = cas.commit(cas.ingest_bytes(data.clone()).await.unwrap()).await.unwrap();
+    let a = cas
+        .commit(cas.ingest_bytes(data.clone()).await.unwrap())
+        .await
+        .unwrap();
     let again = cas.ingest_bytes(data.clone()).await.unwrap();
     assert_eq!(again.stats().new_chunks, 0);
     assert_eq!(again.stats().new_stored_bytes, 0);
@@ -51,5 +57,8 @@ async fn identical_content_shares_one_manifest() {
     let gc = cas.gc().await.unwrap();
     assert!(gc.chunks_deleted > 0);
     assert_eq!(cas.stats().await.unwrap().chunks, 0);
-    assert!(matches!(cas.release(a).await, Err(sloth_cas::Error::ManifestNotFound(_))));
+    assert!(matches!(
+        cas.release(a).await,
+        Err(sloth_cas::Error::ManifestNotFound(_))
+    ));
 }

@@ -49,7 +49,11 @@ async fn gc_races_ingests_and_releases() {
                 // Give GC a window between the presence check and the commit.
                 tokio::task::yield_now().await;
                 let id = cas.commit(staged).await.unwrap();
-                assert_eq!(&read_all(&cas, id).await.unwrap(), data, "worker {w} round {round}");
+                assert_eq!(
+                    &read_all(&cas, id).await.unwrap(),
+                    data,
+                    "worker {w} round {round}"
+                );
                 if round % 2 == 0 {
                     cas.release(id).await.unwrap();
                 }
@@ -63,7 +67,10 @@ async fn gc_races_ingests_and_releases() {
     let (passes, deleted) = gc.await.unwrap();
     eprintln!("gc passes: {passes}, chunks deleted during the race: {deleted}");
     assert!(passes > 5, "GC must actually have raced the workers");
-    assert!(deleted > 0, "releases must have made chunks collectable during the race");
+    assert!(
+        deleted > 0,
+        "releases must have made chunks collectable during the race"
+    );
 
     // Every manifest still held reads back; the store is consistent; a final GC keeps exactly
     // what the surviving manifests need.
@@ -76,7 +83,7 @@ async fn gc_races_ingests_and_releases() {
         let (key, _) = item.unwrap();
         let id = sloth_cas::ManifestId::from_slice(&key).unwrap();
         let bytes = read_all(&cas, id).await.unwrap();
-        assert!(variants.iter().any(|v| *v == bytes));
+        assert!(variants.contains(&bytes));
     }
 }
 

@@ -22,12 +22,32 @@ fn boundary_sizes_round_trip() {
         let cas = Cas::temporary(small_chunks()).unwrap();
         let p = cas.params();
         let (min, avg, max) = (p.min() as usize, p.avg() as usize, p.max() as usize);
-        for len in [0, 1, 2, min - 1, min, min + 1, avg - 1, avg, avg + 1, max - 1, max, max + 1, 3 * max + 7] {
+        for len in [
+            0,
+            1,
+            2,
+            min - 1,
+            min,
+            min + 1,
+            avg - 1,
+            avg,
+            avg + 1,
+            max - 1,
+            max,
+            max + 1,
+            3 * max + 7,
+        ] {
             for data in [random_bytes(len as u64, len), text_bytes(len as u64, len)] {
                 let staged = cas.ingest_bytes(data.clone()).await.unwrap();
                 assert_eq!(staged.manifest().len(), len as u64);
                 assert_eq!(*staged.manifest().digests(), ContentDigests::of(&data));
-                assert!(staged.manifest().chunks().iter().all(|c| c.len as usize <= max));
+                assert!(
+                    staged
+                        .manifest()
+                        .chunks()
+                        .iter()
+                        .all(|c| c.len as usize <= max)
+                );
                 let id = cas.commit(staged).await.unwrap();
                 assert_eq!(read_all(&cas, id).await.unwrap(), data, "len {len}");
             }
@@ -43,7 +63,12 @@ fn streaming_equals_one_shot() {
         let cas = Cas::temporary(small_chunks()).unwrap();
         let data = random_bytes(7, 1 << 20);
         let staged = cas.ingest_bytes(data.clone()).await.unwrap();
-        let streamed: Vec<usize> = staged.manifest().chunks().iter().map(|c| c.len as usize).collect();
+        let streamed: Vec<usize> = staged
+            .manifest()
+            .chunks()
+            .iter()
+            .map(|c| c.len as usize)
+            .collect();
         assert_eq!(streamed, cas.params().chunk_lengths(&data));
     });
 }
@@ -102,7 +127,10 @@ fn tens_of_mib_round_trip() {
         let cas = Cas::temporary(CasConfig::default()).unwrap();
         let mut data = text_bytes(3, 20 << 20);
         data.extend(random_bytes(4, 12 << 20));
-        let id = cas.commit(cas.ingest_bytes(data.clone()).await.unwrap()).await.unwrap();
+        let id = cas
+            .commit(cas.ingest_bytes(data.clone()).await.unwrap())
+            .await
+            .unwrap();
         assert_eq!(read_all(&cas, id).await.unwrap(), data);
     });
 }
@@ -114,7 +142,10 @@ fn async_reader_equals_sync_reader() {
         let cas = Cas::temporary(small_chunks()).unwrap();
         let data = text_bytes(5, 700_000);
         let a = cas.ingest_bytes(data.clone()).await.unwrap();
-        let b = cas.ingest(std::io::Cursor::new(data.clone())).await.unwrap();
+        let b = cas
+            .ingest(std::io::Cursor::new(data.clone()))
+            .await
+            .unwrap();
         assert_eq!(a.manifest(), b.manifest());
     });
 }
@@ -126,7 +157,9 @@ fn reopen_keeps_everything() {
     let rt = runtime();
     let id = rt.block_on(async {
         let cas = Cas::open(dir.path(), small_chunks()).unwrap();
-        cas.commit(cas.ingest_bytes(data.clone()).await.unwrap()).await.unwrap()
+        cas.commit(cas.ingest_bytes(data.clone()).await.unwrap())
+            .await
+            .unwrap()
     });
     rt.block_on(async {
         // No chunker given: the recorded parameters are used.
@@ -135,7 +168,11 @@ fn reopen_keeps_everything() {
         assert_eq!(read_all(&cas, id).await.unwrap(), data);
         assert!(cas.scrub().await.unwrap().is_clean());
         let again = cas.ingest_bytes(data.clone()).await.unwrap();
-        assert_eq!(again.stats().new_chunks, 0, "reopened store still deduplicates");
+        assert_eq!(
+            again.stats().new_chunks,
+            0,
+            "reopened store still deduplicates"
+        );
     });
 }
 
@@ -148,7 +185,17 @@ fn reopen_with_other_params_is_refused() {
         ..CasConfig::default()
     };
     let err = Cas::open(dir.path(), other).unwrap_err();
-    assert!(matches!(err, Error::ParamsMismatch { stored: 4096, requested: 524288, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::ParamsMismatch {
+                stored: 4096,
+                requested: 524288,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("4096"), "{err}");
 }
 
@@ -156,7 +203,10 @@ fn reopen_with_other_params_is_refused() {
 fn second_open_of_a_live_store_fails() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Cas::open(dir.path(), small_chunks()).unwrap();
-    assert!(matches!(Cas::open(dir.path(), small_chunks()), Err(Error::Database(_))));
+    assert!(matches!(
+        Cas::open(dir.path(), small_chunks()),
+        Err(Error::Database(_))
+    ));
 }
 
 #[test]

@@ -146,9 +146,11 @@ async fn main() -> Result<()> {
         return Ok(());
     }
 
-    println!("sloth-cas end-to-end benchmark: avg chunk {avg} B, zstd level {}, {} cores",
+    println!(
+        "sloth-cas end-to-end benchmark: avg chunk {avg} B, zstd level {}, {} cores",
         cfg.zstd_level,
-        std::thread::available_parallelism().map_or(1, |n| n.get()));
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
 
     // (b) compressible input and the zstd baseline on the same file, in this run.
     let text = match &args.text {

@@ -24,7 +24,12 @@ async fn main() -> Result<()> {
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--avg" => avgs = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--avg" => {
+                avgs = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             "--level" => level = value()?.parse()?,
             "--work" => work = value()?.into(),
             "--bench" => {}
@@ -32,16 +37,34 @@ async fn main() -> Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let series = series.context("usage: efficiency SERIES_DIR [--avg N,N] [--level L] [--work DIR]")?;
-    let versions: Vec<PathBuf> = ["v1.tar", "v2.tar", "v3.tar"].iter().map(|v| series.join(v)).collect();
+    let series =
+        series.context("usage: efficiency SERIES_DIR [--avg N,N] [--level L] [--work DIR]")?;
+    let versions: Vec<PathBuf> = ["v1.tar", "v2.tar", "v3.tar"]
+        .iter()
+        .map(|v| series.join(v))
+        .collect();
     for v in &versions {
         if !v.exists() {
-            bail!("{} is missing; run benches/scripts/make-version-series.sh {}", v.display(), series.display());
+            bail!(
+                "{} is missing; run benches/scripts/make-version-series.sh {}",
+                v.display(),
+                series.display()
+            );
         }
     }
-    let input: u64 = versions.iter().map(|v| std::fs::metadata(v).map(|m| m.len())).sum::<std::io::Result<u64>>()?;
-    println!("version series in {}: {} bytes in 3 versions, zstd level {level}", series.display(), input);
-    println!("{:>8} {:>14} {:>14} {:>14} {:>9} {:>10}", "avg", "after v1", "after v2", "after v3", "ratio", "MB/s");
+    let input: u64 = versions
+        .iter()
+        .map(|v| std::fs::metadata(v).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?;
+    println!(
+        "version series in {}: {} bytes in 3 versions, zstd level {level}",
+        series.display(),
+        input
+    );
+    println!(
+        "{:>8} {:>14} {:>14} {:>14} {:>9} {:>10}",
+        "avg", "after v1", "after v2", "after v3", "ratio", "MB/s"
+    );
     std::fs::create_dir_all(&work)?;
     for avg in avgs {
         let store = work.join(format!("store-{avg}"));
