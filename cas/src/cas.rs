@@ -335,16 +335,25 @@ impl<S: ChunkStore> Cas<S> {
     pub async fn ingest_reader<R: Read + Send + 'static>(&self, reader: R) -> Result<Staged> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.inner.config.concurrency);
         let params = self.inner.params;
-        let cutter = tokio::task::spawn_blocking(move || {
+        // The whole-content digests run on their own thread: on the cutter they would be the
+        // serial bottleneck of the pipeline (SHA-256 is slower than FastCDC here).
+        let (digest_tx, digest_rx) =
+            std::sync::mpsc::sync_channel::<Bytes>(self.inner.config.concurrency);
+        let digester = tokio::task::spawn_blocking(move || {
             let mut hasher = ContentHasher::default();
+            for chunk in digest_rx {
+                hasher.update(&chunk);
+            }
+            hasher.finish()
+        });
+        let cutter = tokio::task::spawn_blocking(move || {
             for chunk in Chunker::new(reader, params) {
                 let chunk = chunk.map_err(Error::Input)?;
-                hasher.update(&chunk);
-                if tx.blocking_send(chunk).is_err() {
-                    break; // the consumer failed and reports why
+                if digest_tx.send(chunk.clone()).is_err() || tx.blocking_send(chunk).is_err() {
+                    break; // a consumer failed and reports why
                 }
             }
-            Ok::<_, Error>(hasher.finish())
+            Ok::<_, Error>(())
         });
         let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let stored: Result<Vec<_>> = chunks
@@ -353,7 +362,8 @@ impl<S: ChunkStore> Cas<S> {
             .try_collect()
             .await;
         // The cutter's error (a failed read) explains a short stream better than anything else.
-        let digests = cutter.await??;
+        cutter.await??;
+        let digests = digester.await?;
         let stored = stored?;
         self.inner.chunks.sync().await?;
 
