@@ -5,9 +5,21 @@
 
 use libfuzzer_sys::fuzz_target;
 use sloth_cas::frame::{self, Codec, FrameHeader, HEADER_LEN};
-use sloth_cas::{ChunkId, Error};
+use sloth_cas::{ChunkId, Error, MAX_CHUNK_LEN};
 
 fuzz_target!(|data: &[u8]| {
+    // The input as a chunk, too: any chunk encodes to a frame that decodes back to it.
+    if data.len() <= MAX_CHUNK_LEN as usize {
+        let framed = frame::encode(data, 3);
+        assert!(
+            framed.len() <= HEADER_LEN + data.len(),
+            "encode grew the chunk"
+        );
+        let back =
+            frame::decode(&ChunkId::digest(data), &framed).expect("encoded chunk does not decode");
+        assert_eq!(&back[..], data);
+    }
+
     let header = FrameHeader::parse(data);
     let unverified = frame::decode_unverified(data);
 
