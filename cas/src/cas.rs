@@ -218,7 +218,7 @@ impl Cas<PackStore> {
     /// and chunk index) in `path/index`, chunk frames in pack files under `path/packs`.
     ///
     /// sled locks its directory: a second open of the same path, from this process or
-    /// another, fails with [`Error::Database`] while the first is open.
+    /// another, waits up to 3 s for the first to close and then fails with [`Error::Locked`].
     pub fn open(path: impl AsRef<Path>, config: CasConfig) -> Result<Self> {
         Self::open_in(path.as_ref(), config, None)
     }
@@ -231,10 +231,7 @@ impl Cas<PackStore> {
     }
 
     fn open_in(path: &Path, config: CasConfig, temp: Option<tempfile::TempDir>) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(path.join("index"))
-            .cache_capacity(config.cache_capacity)
-            .open()?;
+        let db = open_sled(&path.join("index"), config.cache_capacity)?;
         let chunks = PackStore::open(path.join("packs"), &db)?;
         let mut cas = Self::with_store(db, chunks, config, path.display().to_string())?;
         Arc::get_mut(&mut cas.inner).expect("not shared yet")._temp = temp;
@@ -839,6 +836,42 @@ pub fn tx_error(e: TransactionError<Error>) -> Error {
     match e {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => Error::Database(e),
+    }
+}
+
+/// How long [`Cas::open`] waits for sled's directory lock to be released.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens the sled database, waiting up to [`LOCK_WAIT`] for its lock.
+///
+/// sled's background flusher can hold the lock file for a moment after the last handle of a
+/// database is dropped, so a drop followed at once by an open in the same process fails now and
+/// then (sled issues 1234, 1289). sled reports it only as an `Other` error whose text says
+/// `WouldBlock`, hence the match on the message.
+fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(Error::Locked {
+                    path: dir.display().to_string(),
+                    waited: LOCK_WAIT,
+                });
+            }
+            other => return Ok(other?),
+        }
     }
 }
 

@@ -80,6 +80,15 @@ pub enum Error {
     #[error("writing the output failed: {0}")]
     Output(#[source] std::io::Error),
 
+    /// Another open store (in this process or another) holds the store's lock.
+    #[error("the store at {path} is in use by another process (waited {waited:?} for it to close)")]
+    Locked {
+        /// The locked directory.
+        path: String,
+        /// How long the open waited.
+        waited: std::time::Duration,
+    },
+
     /// The sled database failed.
     #[error("store database error: {0}")]
     Database(#[from] sled::Error),

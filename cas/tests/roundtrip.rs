@@ -203,10 +203,9 @@ fn reopen_with_other_params_is_refused() {
 fn second_open_of_a_live_store_fails() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Cas::open(dir.path(), small_chunks()).unwrap();
-    assert!(matches!(
-        Cas::open(dir.path(), small_chunks()),
-        Err(Error::Database(_))
-    ));
+    let err = Cas::open(dir.path(), small_chunks()).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
 }
 
 #[test]

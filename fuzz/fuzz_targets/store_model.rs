@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::LazyLock;
-use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use futures::StreamExt as _;
@@ -29,9 +28,6 @@ const MAX_PIECE_LEN: usize = 2048;
 const PATTERN_LEN: usize = 8192;
 /// Average chunk size: the smallest the store accepts, so small content still has many chunks.
 const AVG_CHUNK: u32 = 1024;
-
-/// How long a reopen waits for sled to let go of the directory lock of the previous open.
-const LOCK_RETRY_BUDGET: Duration = Duration::from_secs(5);
 
 /// The base patterns: two incompressible (stored raw), one compressible text (stored as zstd)
 /// and one run of zeros (cut only at the maximum chunk size).
@@ -136,26 +132,8 @@ fn open(path: &Path) -> Cas {
         cache_capacity: 1 << 20,
         ..CasConfig::default()
     };
-    // sled 0.34 can still hold the directory lock for a moment after the last `Db` handle is
-    // dropped (background work on its own threads keeps the file open), so an immediate reopen
-    // can fail (spacejam/sled#1234, #1289). Retry that, and only that, for a while: a lock
-    // still held after the budget means something really kept the store open.
-    let mut wait = Duration::from_millis(1);
-    let deadline = Instant::now() + LOCK_RETRY_BUDGET;
-    loop {
-        match Cas::open(path, config.clone()) {
-            Ok(cas) => return cas,
-            // sled reports it as `ErrorKind::Other` with the `WouldBlock` only in the message.
-            Err(e @ Error::Database(_))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_millis(50));
-            }
-            Err(e) => panic!("opening the store failed: {e}"),
-        }
-    }
+    // Cas::open itself waits out sled's lock lingering after a drop.
+    Cas::open(path, config).unwrap_or_else(|e| panic!("opening the store failed: {e}"))
 }
 
 fn build_content(pieces: &[Piece]) -> Vec<u8> {
