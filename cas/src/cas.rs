@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::chunker::Chunker;
 use crate::manifest::{ChunkRef, ContentHasher};
 use crate::pack::PackStore;
+use crate::pool::CpuPool;
 use crate::store::ChunkStore;
 use crate::{ChunkId, ChunkerParams, Error, Manifest, ManifestId, Result, frame};
 
@@ -35,7 +36,9 @@ pub struct CasConfig {
     pub chunker: Option<ChunkerParams>,
     /// zstd level for new chunks (default 3; 1–19 are sensible).
     pub zstd_level: i32,
-    /// Chunks processed at once during ingest and read (default: 2 × cores + 2). Bounds memory:
+    /// Chunks processed at once during ingest and read (default: 8 × cores, at least 16).
+    /// Results are consumed in order, so a slow chunk at the head stalls the rest: a deep window
+    /// keeps both cores busy (measured on 2 cores: 6 → 247 MB/s, 16 → 285 MB/s). Bounds memory:
     /// at most this many chunks (each ≤ 4 × the average size) are in flight.
     pub concurrency: usize,
     /// sled's page cache, in bytes (default 64 MiB; sled's own default is 1 GiB).
@@ -48,7 +51,7 @@ impl Default for CasConfig {
         Self {
             chunker: None,
             zstd_level: 3,
-            concurrency: 2 * cores + 2,
+            concurrency: (8 * cores).max(16),
             cache_capacity: 64 << 20,
         }
     }
@@ -194,6 +197,8 @@ struct Inner<S> {
     /// GC holds this exclusively while it decides and deletes; taking a lease holds it shared.
     /// See the crate docs for why this makes GC safe against concurrent ingests.
     gc_gate: tokio::sync::RwLock<()>,
+    /// Hashing, compression and decoding run here, one thread per core.
+    cpu: CpuPool,
     location: String,
     /// Keeps a temporary store's directory alive as long as the store.
     _temp: Option<tempfile::TempDir>,
@@ -298,6 +303,7 @@ impl<S: ChunkStore> Cas<S> {
                 },
                 leases: Arc::default(),
                 gc_gate: tokio::sync::RwLock::new(()),
+                cpu: CpuPool::new(std::thread::available_parallelism().map_or(2, |n| n.get()))?,
                 location,
                 _temp: None,
             }),
@@ -702,7 +708,10 @@ async fn store_chunk<S: ChunkStore>(
     inner: Arc<Inner<S>>,
     chunk: Bytes,
 ) -> Result<(ChunkRef, Lease, Option<u64>)> {
-    let (id, chunk) = tokio::task::spawn_blocking(move || (ChunkId::digest(&chunk), chunk)).await?;
+    let (id, chunk) = inner
+        .cpu
+        .run(move || (ChunkId::digest(&chunk), chunk))
+        .await?;
     let lease = {
         let _gate = inner.gc_gate.read().await;
         *inner.leases.lock().entry(id).or_insert(0) += 1;
@@ -719,7 +728,7 @@ async fn store_chunk<S: ChunkStore>(
         return Ok((chunk_ref, lease, None));
     }
     let level = inner.config.zstd_level;
-    let frame = tokio::task::spawn_blocking(move || frame::encode(&chunk, level)).await?;
+    let frame = inner.cpu.run(move || frame::encode(&chunk, level)).await?;
     let frame_len = frame.len() as u64;
     inner.chunks.put_many(vec![(id, frame)]).await?;
     Ok((chunk_ref, lease, Some(frame_len)))
@@ -735,7 +744,10 @@ async fn load_chunk<S: ChunkStore>(
         manifest,
         chunk: c.id,
     })?;
-    let data = tokio::task::spawn_blocking(move || frame::decode(&c.id, &frame)).await??;
+    let data = inner
+        .cpu
+        .run(move || frame::decode(&c.id, &frame))
+        .await??;
     if data.len() != c.len as usize {
         return Err(Error::CorruptChunk {
             id: c.id,

@@ -78,6 +78,7 @@ pub mod frame;
 mod id;
 mod manifest;
 mod pack;
+mod pool;
 mod store;
 
 pub use cas::{

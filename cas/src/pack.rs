@@ -227,17 +227,17 @@ impl PackInner {
             self.start_pack(state)?;
         }
         let w = state.writer.as_mut().expect("started above");
-        let mut record = Vec::with_capacity(RECORD_HEADER_LEN as usize + frame.len());
-        record.extend_from_slice(id.as_bytes());
-        record.extend_from_slice(&frame_len.to_le_bytes());
-        record.extend_from_slice(frame);
-        w.file.write_all_at(&record, w.len)?;
+        let mut header = [0u8; RECORD_HEADER_LEN as usize];
+        header[..32].copy_from_slice(id.as_bytes());
+        header[32..].copy_from_slice(&frame_len.to_le_bytes());
+        w.file.write_all_at(&header, w.len)?;
+        w.file.write_all_at(frame, w.len + RECORD_HEADER_LEN)?;
         let loc = Loc {
             pack: w.pack,
             offset: w.len,
             frame_len,
         };
-        w.len += record.len() as u64;
+        w.len += loc.record_len();
         Ok(loc)
     }
 

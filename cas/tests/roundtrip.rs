@@ -234,3 +234,28 @@ fn failing_reader_stores_nothing_visible() {
         assert_eq!(cas.stats().await.unwrap().chunks, 0);
     });
 }
+
+/// Regression: CPU slots were once semaphore permits, which a read stream that its caller
+/// stopped polling (without dropping it) could keep forever, stalling every other read.
+#[test]
+fn an_abandoned_read_stream_does_not_stall_others() {
+    use futures::StreamExt;
+    let rt = runtime();
+    rt.block_on(async {
+        let cas = Cas::temporary(small_chunks()).unwrap();
+        let data = random_bytes(21, 3 << 20);
+        let id = cas
+            .commit(cas.ingest_bytes(data.clone()).await.unwrap())
+            .await
+            .unwrap();
+        let manifest = cas.manifest(id).await.unwrap();
+        let mut stalled = std::pin::pin!(cas.read_chunks(&manifest));
+        stalled.next().await.unwrap().unwrap();
+        // `stalled` stays alive, unpolled, with many chunk loads in flight.
+        let back = tokio::time::timeout(std::time::Duration::from_secs(30), read_all(&cas, id))
+            .await
+            .expect("a second read must not wait for the abandoned stream")
+            .unwrap();
+        assert_eq!(back, data);
+    });
+}

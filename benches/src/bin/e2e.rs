@@ -69,11 +69,12 @@ fn config(avg: Option<u32>) -> Result<CasConfig> {
     })
 }
 
-/// Ingests `file` into the store at `store` (opened fresh for the run and closed after, so
-/// that `du` sees everything), then reads it back with full verification.
-async fn ingest_and_read(store: &Path, file: &Path, cfg: &CasConfig) -> Result<Run> {
-    let before = if store.exists() { du_sb(store)? } else { 0 };
-    let cas = Cas::open(store, cfg.clone())?;
+/// Ingests `file` into `cas`, then reads it back with full verification. `store` is the
+/// store's directory: its growth is measured after a flush, with the store still open, as a
+/// running agent keeps it.
+async fn ingest_and_read(cas: &Cas, store: &Path, file: &Path) -> Result<Run> {
+    cas.flush().await?;
+    let before = du_sb(store)?;
     let bytes = std::fs::metadata(file)?.len();
     let start = Instant::now();
     let staged = cas.ingest_reader(std::fs::File::open(file)?).await?;
@@ -87,32 +88,74 @@ async fn ingest_and_read(store: &Path, file: &Path, cfg: &CasConfig) -> Result<R
     if read_bytes != bytes {
         bail!("read back {read_bytes} bytes of {bytes}");
     }
-    drop(cas);
-    // sled finishes its background flush on drop; give the directory a moment to settle.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let after = du_sb(store)?;
+    cas.flush().await?;
     Ok(Run {
         ingest,
         read,
         bytes,
-        stored_growth: after.saturating_sub(before),
+        stored_growth: du_sb(store)?.saturating_sub(before),
         new_chunks: stats.new_chunks,
         chunks: stats.chunks,
     })
 }
 
-/// Times `zstd -3 -T1 FILE -c > /dev/null`, the baseline every target is a ratio of.
+/// First ingest and re-ingest of `file` into a fresh store, then a re-ingest after closing and
+/// reopening it (what a one-shot CLI command on the embedded store does).
+async fn first_and_again(
+    label: &str,
+    work: &Path,
+    file: &Path,
+    cfg: &CasConfig,
+    zstd_mbs: Option<f64>,
+) -> Result<Run> {
+    let store = work.join(format!("store-{label}"));
+    let _ = std::fs::remove_dir_all(&store);
+    let cas = Cas::open(&store, cfg.clone())?;
+    let first = ingest_and_read(&cas, &store, file).await?;
+    line(&format!("{label}, first ingest"), &first, zstd_mbs);
+    let again = ingest_and_read(&cas, &store, file).await?;
+    line(&format!("{label}, re-ingest"), &again, zstd_mbs);
+    drop(cas);
+    let cas = Cas::open(&store, cfg.clone())?;
+    let cold = ingest_and_read(&cas, &store, file).await?;
+    line(&format!("{label}, reopen + re-ingest"), &cold, zstd_mbs);
+    drop(cas);
+    let total = du_sb(&store)?;
+    println!(
+        "{:<32} store {total} B on disk, closed ({:.3} of input); re-ingest grew it {:.4}%, reopen + re-ingest {:.4}%",
+        "",
+        total as f64 / first.bytes as f64,
+        100.0 * again.stored_growth as f64 / first.stored_growth.max(1) as f64,
+        100.0 * cold.stored_growth as f64 / first.stored_growth.max(1) as f64,
+    );
+    std::fs::remove_dir_all(&store)?;
+    Ok(first)
+}
+
+/// Times `zstd -3 -T1 FILE -c > /dev/null`, the baseline every target is a ratio of. The
+/// fastest of three runs counts: on a noisy shared machine that is the conservative choice.
 fn zstd_baseline(file: &Path) -> Result<(Duration, u64)> {
-    let start = Instant::now();
-    let out = Command::new("zstd")
-        .args(["-3", "-T1", "-q", "-c"])
-        .arg(file)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running zstd (apt-get install zstd)")?;
-    let mut stdout = out.stdout.context("zstd stdout")?;
-    let compressed = std::io::copy(&mut stdout, &mut std::io::sink())?;
-    Ok((start.elapsed(), compressed))
+    let mut best: Option<(Duration, u64)> = None;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut child = Command::new("zstd")
+            .args(["-3", "-T1", "-q", "-c"])
+            .arg(file)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("running zstd (apt-get install zstd)")?;
+        let mut stdout = child.stdout.take().context("zstd stdout")?;
+        let compressed = std::io::copy(&mut stdout, &mut std::io::sink())?;
+        let status = child.wait()?;
+        let took = start.elapsed();
+        if !status.success() {
+            bail!("zstd failed on {}: {status}", file.display());
+        }
+        if best.is_none_or(|(t, _)| took < t) {
+            best = Some((took, compressed));
+        }
+    }
+    best.context("no zstd run")
 }
 
 fn line(label: &str, run: &Run, zstd_mbs: Option<f64>) {
@@ -120,7 +163,7 @@ fn line(label: &str, run: &Run, zstd_mbs: Option<f64>) {
     let read = mb_per_s(run.bytes, run.read);
     let ratio = |v: f64| zstd_mbs.map_or(String::new(), |z| format!(" ({:.2}x zstd)", v / z));
     println!(
-        "{label:<28} {:>8.1} MiB  ingest {ingest:>7.1} MB/s{}  read+verify {read:>7.1} MB/s{}  stored +{} B  chunks {}/{} new",
+        "{label:<32} {:>8.1} MiB  ingest {ingest:>7.1} MB/s{}  read+verify {read:>7.1} MB/s{}  stored +{} B  chunks {}/{} new",
         run.bytes as f64 / (1u64 << 20) as f64,
         ratio(ingest),
         ratio(read),
@@ -140,8 +183,10 @@ async fn main() -> Result<()> {
     if let Some(file) = &args.only_file {
         let store = args.work.join("store-only");
         let _ = std::fs::remove_dir_all(&store);
-        let run = ingest_and_read(&store, file, &cfg).await?;
+        let cas = Cas::open(&store, cfg.clone())?;
+        let run = ingest_and_read(&cas, &store, file).await?;
         line("file", &run, None);
+        drop(cas);
         std::fs::remove_dir_all(&store)?;
         return Ok(());
     }
@@ -174,26 +219,17 @@ async fn main() -> Result<()> {
     let text_len = std::fs::metadata(&text)?.len();
     let zstd_mbs = mb_per_s(text_len, zstd_took);
     println!(
-        "{:<28} {:>8.1} MiB  zstd -3 -T1 {zstd_mbs:>7.1} MB/s  output {zstd_out} B",
+        "{:<32} {:>8.1} MiB  zstd -3 -T1 {zstd_mbs:>7.1} MB/s (best of 3)  output {zstd_out} B",
         "baseline",
         text_len as f64 / (1u64 << 20) as f64
     );
 
-    let store = args.work.join("store-text");
-    let _ = std::fs::remove_dir_all(&store);
-    let first = ingest_and_read(&store, &text, &cfg).await?;
-    line("compressible, first ingest", &first, Some(zstd_mbs));
-    let again = ingest_and_read(&store, &text, &cfg).await?;
-    line("compressible, re-ingest", &again, Some(zstd_mbs));
-    let total = du_sb(&store)?;
+    first_and_again("compressible", &args.work, &text, &cfg, Some(zstd_mbs)).await?;
     println!(
-        "{:<28} store {total} B on disk ({:.3} of input; zstd -3 alone {:.3}); re-ingest grew it {:.4}%",
+        "{:<32} zstd -3 alone: {:.3} of input",
         "",
-        total as f64 / text_len as f64,
-        zstd_out as f64 / text_len as f64,
-        100.0 * again.stored_growth as f64 / first.stored_growth.max(1) as f64,
+        zstd_out as f64 / text_len as f64
     );
-    std::fs::remove_dir_all(&store)?;
 
     // (a) incompressible input.
     let random = args.work.join(format!("random-{}m.bin", args.random_mib));
@@ -201,12 +237,6 @@ async fn main() -> Result<()> {
         write_random_file(&random, args.random_mib << 20, 1)?;
     }
     warm(&random)?;
-    let store = args.work.join("store-random");
-    let _ = std::fs::remove_dir_all(&store);
-    let run = ingest_and_read(&store, &random, &cfg).await?;
-    line("random, first ingest", &run, Some(zstd_mbs));
-    let run = ingest_and_read(&store, &random, &cfg).await?;
-    line("random, re-ingest", &run, Some(zstd_mbs));
-    std::fs::remove_dir_all(&store)?;
+    first_and_again("random", &args.work, &random, &cfg, Some(zstd_mbs)).await?;
     Ok(())
 }
