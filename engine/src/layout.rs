@@ -1,0 +1,155 @@
+//! The layout projection: `artifacts/<stack>/<task>/<name>` as read-only hardlinks into
+//! `objects/<aa>/<manifest id>`, one materialized file per distinct content.
+//!
+//! A projection like `metadata.db`: rebuilt when `objects/.generation` is missing or behind
+//! the catalog. Its disk cost is one uncompressed copy of the newest version of each distinct
+//! content (identical content shares one inode), on top of the deduplicated, compressed store.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sloth_cas::Cas;
+
+use crate::{ArtifactKey, ArtifactRecord, Error, Result};
+
+#[derive(Debug)]
+pub(crate) struct Layout {
+    root: PathBuf,
+    objects: PathBuf,
+}
+
+impl Layout {
+    pub(crate) fn new(data_dir: &Path) -> Self {
+        Self {
+            root: data_dir.join("artifacts"),
+            objects: data_dir.join("objects"),
+        }
+    }
+
+    pub(crate) fn path_of(&self, r: &ArtifactRecord) -> PathBuf {
+        self.root.join(&r.stack).join(&r.task).join(&r.name)
+    }
+
+    fn marker(&self) -> PathBuf {
+        self.objects.join(".generation")
+    }
+
+    pub(crate) fn generation(&self) -> Result<Option<u64>> {
+        match std::fs::read_to_string(self.marker()) {
+            Ok(text) => Ok(text.trim().parse().ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set_generation(&self, generation: u64) -> Result<()> {
+        std::fs::create_dir_all(&self.objects)?;
+        let tmp = self.objects.join(".generation.tmp");
+        std::fs::write(&tmp, generation.to_string())?;
+        std::fs::rename(tmp, self.marker())?;
+        Ok(())
+    }
+
+    /// The materialized object of a version's content, written (verified) if missing.
+    async fn object(&self, cas: &Cas, record: &ArtifactRecord) -> Result<PathBuf> {
+        let hex = record.manifest.to_hex();
+        let dir = self.objects.join(&hex[..2]);
+        let path = dir.join(&hex);
+        if path.exists() {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{hex}.tmp-{}", std::process::id()));
+        let mut file = tokio::fs::File::create(&tmp).await?;
+        if let Err(e) = cas.read_to(record.manifest, &mut file).await {
+            drop(file);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Damaged {
+                name: record.name.clone(),
+                version: record.version,
+                source: e,
+            });
+        }
+        file.sync_all().await?;
+        drop(file);
+        // Read-only: every link shares this inode, so a write through one would change all.
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// Points `key`'s entry at `newest` (or removes it when `None`).
+    pub(crate) async fn replace(
+        &self,
+        cas: &Cas,
+        key: &ArtifactKey,
+        newest: Option<&ArtifactRecord>,
+        generation: u64,
+    ) -> Result<()> {
+        let path = self
+            .root
+            .join(key.stack.as_str())
+            .join(key.task.as_str())
+            .join(key.name.as_str());
+        match newest {
+            Some(record) => {
+                let object = self.object(cas, record).await?;
+                let dir = path.parent().expect("has a parent");
+                std::fs::create_dir_all(dir)?;
+                let tmp = dir.join(format!(".{}.link-{}", key.name, std::process::id()));
+                let _ = std::fs::remove_file(&tmp);
+                std::fs::hard_link(&object, &tmp)?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            None => {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+                // Empty task and stack directories go too (remove_dir fails on non-empty).
+                if let Some(task_dir) = path.parent() {
+                    let _ = std::fs::remove_dir(task_dir);
+                    if let Some(stack_dir) = task_dir.parent() {
+                        let _ = std::fs::remove_dir(stack_dir);
+                    }
+                }
+            }
+        }
+        self.set_generation(generation)
+    }
+
+    /// Deletes objects no layout entry links to any more.
+    pub(crate) fn remove_unused_objects(&self) -> Result<()> {
+        let Ok(dirs) = std::fs::read_dir(&self.objects) else {
+            return Ok(());
+        };
+        for dir in dirs {
+            let dir = dir?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(&dir)? {
+                let path = entry?.path();
+                if std::fs::symlink_metadata(&path)?.nlink() == 1 {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        Ok(())
+    }
+
+    /// Recreates the whole layout from the newest version of every artifact.
+    pub(crate) async fn rebuild(&self, cas: &Cas, newest: &[ArtifactRecord], generation: u64) -> Result<()> {
+        if self.root.exists() {
+            std::fs::remove_dir_all(&self.root)?;
+        }
+        std::fs::create_dir_all(&self.root)?;
+        for record in newest {
+            self.replace(cas, &record.key()?, Some(record), generation).await?;
+        }
+        self.remove_unused_objects()?;
+        self.set_generation(generation)
+    }
+}

@@ -1,0 +1,40 @@
+//! `sloth-engine`: the artifact catalog of one agent, over the `sloth-cas` chunk store.
+//!
+//! [`Engine`] keeps [`ArtifactRecord`]s — the spec's fields (id, name, path, size, checksum,
+//! stack, task, created and modified times, download count) plus version, manifest and stored
+//! bytes — in the same sled database as the chunks, so that committing an upload's manifest,
+//! its record and its [`Event`] is one transaction. Uploading the same stack/task/name again
+//! makes a new version; the newest is what [`Engine::resolve`] and the layout return. Names,
+//! stacks and tasks are validated once, here ([`Name`]). Two projections follow every change:
+//! `metadata.db` (SQLite, the spec's schema plus views) and `artifacts/<stack>/<task>/<name>`
+//! (read-only hardlinks into `objects/`); both are rebuilt when missing or stale.
+//!
+//! ```
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> sloth_engine::Result<()> {
+//! use sloth_engine::{ArtifactKey, Engine, EngineConfig, Selector};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let engine = Engine::open(dir.path(), EngineConfig::default()).await?;
+//! let key = ArtifactKey::new("app.bin", Some("production"), Some("build"))?;
+//! let record = engine.upload(&key, &b"binary"[..], "alice").await?;
+//! assert_eq!(record.version, 1);
+//! assert!(record.checksum.starts_with("sha256:"));
+//!
+//! let found = engine.resolve(&Selector { name: "app.bin".into(), ..Selector::default() })?;
+//! assert_eq!(found.id, record.id);
+//! # Ok(())
+//! # }
+//! ```
+
+mod engine;
+mod error;
+mod layout;
+mod name;
+mod record;
+mod sqlite;
+
+pub use engine::{Engine, EngineConfig, ListQuery, Selector, StackUsage};
+pub use error::{Error, Result};
+pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
+pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};

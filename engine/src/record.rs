@@ -1,0 +1,222 @@
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sloth_cas::ManifestId;
+
+use crate::{ArtifactKey, Error, Result};
+
+/// The id of one artifact version: 128 bits, shown as 32 hex digits (the spec's `id` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ArtifactId(#[serde(with = "hex_u128")] u128);
+
+impl ArtifactId {
+    /// A fresh id: time-ordered high bits (ms), unique low bits from a BLAKE3 of the key,
+    /// version and the clock's nanoseconds.
+    pub(crate) fn generate(key: &ArtifactKey, version: u32) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut seed = key.version_key(version);
+        seed.extend_from_slice(&now.as_nanos().to_le_bytes());
+        seed.extend_from_slice(&std::process::id().to_le_bytes());
+        let noise = sloth_cas::ChunkId::digest(&seed);
+        let low = u64::from_le_bytes(noise.as_bytes()[..8].try_into().expect("8 bytes"));
+        Self((u128::from(now.as_millis() as u64) << 64) | u128::from(low))
+    }
+
+    /// The raw value.
+    pub fn as_u128(&self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Display for ArtifactId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+mod hex_u128 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:032x}"))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
+        let text = String::deserialize(d)?;
+        u128::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One version of an artifact: the spec's fields plus version, manifest and stored bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// Unique id of this version.
+    pub id: ArtifactId,
+    /// Artifact name.
+    pub name: String,
+    /// Stack it belongs to.
+    pub stack: String,
+    /// Task that produced it.
+    pub task: String,
+    /// Version, from 1; never reused for the same stack/task/name.
+    pub version: u32,
+    /// Content length in bytes.
+    pub size: u64,
+    /// `sha256:<hex>` of the content.
+    pub checksum: String,
+    /// The content's manifest in the chunk store.
+    #[serde(with = "manifest_hex")]
+    pub manifest: ManifestId,
+    /// Bytes this version added to the store when it was uploaded (new chunks, compressed).
+    pub stored_bytes: u64,
+    /// Upload time, Unix seconds.
+    pub created_at: i64,
+    /// Last change of the record, Unix seconds.
+    pub modified_at: i64,
+    /// Successful downloads.
+    pub download_count: u64,
+    /// Last successful download, Unix seconds.
+    #[serde(default)]
+    pub last_download_at: Option<i64>,
+}
+
+impl ArtifactRecord {
+    /// The record's stack/task/name key.
+    pub fn key(&self) -> Result<ArtifactKey> {
+        ArtifactKey::new(&self.name, Some(&self.stack), Some(&self.task))
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("records always serialize")
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        let record: Self = serde_json::from_slice(bytes).map_err(|e| Error::CorruptRecord(e.to_string()))?;
+        // Names are validated on the way in; a record that breaks the rules was tampered with.
+        record.key().map_err(|e| Error::CorruptRecord(e.to_string()))?;
+        Ok(record)
+    }
+}
+
+mod manifest_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use sloth_cas::ManifestId;
+
+    pub(super) fn serialize<S: Serializer>(v: &ManifestId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_hex())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ManifestId, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What happened to an artifact (the audit trail).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the trail; increasing.
+    pub seq: u64,
+    /// When, Unix seconds.
+    pub time: i64,
+    /// `artifact.upload`, `artifact.download` or `artifact.delete`.
+    pub kind: String,
+    /// The agent whose store it happened in.
+    pub agent: String,
+    /// Who did it.
+    pub principal: String,
+    /// The artifact version.
+    pub artifact_id: ArtifactId,
+    /// Its stack.
+    pub stack: String,
+    /// Its task.
+    pub task: String,
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: u32,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl Event {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("events always serialize")
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| Error::CorruptRecord(e.to_string()))
+    }
+}
+
+/// Unix seconds now.
+pub(crate) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Matches `text` against a glob with `*` (any run) and `?` (one character).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("artifact.*", "artifact.upload"));
+        assert!(glob_match("*", "x"));
+        assert!(glob_match("artifact.?pload", "artifact.upload"));
+        assert!(!glob_match("artifact.*", "policy.failed"));
+        assert!(glob_match("*.delete", "artifact.delete"));
+        assert!(!glob_match("artifact.upload", "artifact.uploads"));
+    }
+
+    #[test]
+    fn record_round_trip_and_tamper_check() {
+        let key = ArtifactKey::new("app.bin", Some("production"), Some("build")).unwrap();
+        let rec = ArtifactRecord {
+            id: ArtifactId::generate(&key, 1),
+            name: "app.bin".into(),
+            stack: "production".into(),
+            task: "build".into(),
+            version: 1,
+            size: 3,
+            checksum: "sha256:00".into(),
+            manifest: ManifestId::digest(b"m"),
+            stored_bytes: 3,
+            created_at: 1,
+            modified_at: 1,
+            download_count: 0,
+            last_download_at: None,
+        };
+        assert_eq!(ArtifactRecord::decode(&rec.encode()).unwrap(), rec);
+        let evil = String::from_utf8(rec.encode()).unwrap().replace("app.bin", "../../etc/passwd");
+        assert!(ArtifactRecord::decode(evil.as_bytes()).is_err());
+    }
+}
