@@ -43,6 +43,9 @@ pub struct CasConfig {
     pub concurrency: usize,
     /// sled's page cache, in bytes (default 64 MiB; sled's own default is 1 GiB).
     pub cache_capacity: u64,
+    /// How long [`Cas::open`] waits for another process (or a just-dropped handle) to release
+    /// the store's lock before failing with [`Error::Locked`] (default 3 s).
+    pub lock_wait: std::time::Duration,
 }
 
 impl Default for CasConfig {
@@ -53,6 +56,7 @@ impl Default for CasConfig {
             zstd_level: 3,
             concurrency: (8 * cores).max(16),
             cache_capacity: 64 << 20,
+            lock_wait: std::time::Duration::from_secs(3),
         }
     }
 }
@@ -223,7 +227,8 @@ impl Cas<PackStore> {
     /// and chunk index) in `path/index`, chunk frames in pack files under `path/packs`.
     ///
     /// sled locks its directory: a second open of the same path, from this process or
-    /// another, waits up to 3 s for the first to close and then fails with [`Error::Locked`].
+    /// another, waits up to [`CasConfig::lock_wait`] for the first to close and then fails with
+    /// [`Error::Locked`].
     pub fn open(path: impl AsRef<Path>, config: CasConfig) -> Result<Self> {
         Self::open_in(path.as_ref(), config, None)
     }
@@ -236,7 +241,7 @@ impl Cas<PackStore> {
     }
 
     fn open_in(path: &Path, config: CasConfig, temp: Option<tempfile::TempDir>) -> Result<Self> {
-        let db = open_sled(&path.join("index"), config.cache_capacity)?;
+        let db = open_sled(&path.join("index"), config.cache_capacity, config.lock_wait)?;
         let chunks = PackStore::open(path.join("packs"), &db)?;
         let mut cas = Self::with_store(db, chunks, config, path.display().to_string())?;
         Arc::get_mut(&mut cas.inner).expect("not shared yet")._temp = temp;
@@ -851,17 +856,14 @@ pub fn tx_error(e: TransactionError<Error>) -> Error {
     }
 }
 
-/// How long [`Cas::open`] waits for sled's directory lock to be released.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// Opens the sled database, waiting up to [`LOCK_WAIT`] for its lock.
+/// Opens the sled database, waiting up to `lock_wait` for its lock.
 ///
 /// sled's background flusher can hold the lock file for a moment after the last handle of a
 /// database is dropped, so a drop followed at once by an open in the same process fails now and
 /// then (sled issues 1234, 1289). sled reports it only as an `Other` error whose text says
 /// `WouldBlock`, hence the match on the message.
-fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
+fn open_sled(dir: &Path, cache_capacity: u64, lock_wait: std::time::Duration) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + lock_wait;
     let mut pause = std::time::Duration::from_millis(5);
     loop {
         match sled::Config::new()
@@ -879,7 +881,7 @@ fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db> {
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 return Err(Error::Locked {
                     path: dir.display().to_string(),
-                    waited: LOCK_WAIT,
+                    waited: lock_wait,
                 });
             }
             other => return Ok(other?),

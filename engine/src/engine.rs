@@ -140,7 +140,12 @@ impl Engine {
     }
 
     /// Stores the file at `path` as a new version of `key`.
-    pub async fn upload_path(&self, key: &ArtifactKey, path: &Path, principal: &str) -> Result<ArtifactRecord> {
+    pub async fn upload_path(
+        &self,
+        key: &ArtifactKey,
+        path: &Path,
+        principal: &str,
+    ) -> Result<ArtifactRecord> {
         let bad = |reason: String| Error::BadInput {
             path: path.to_path_buf(),
             reason,
@@ -199,7 +204,8 @@ impl Engine {
                 artifacts.insert(key.version_key(version), record.encode())?;
                 by_name.insert(by_name_key(key), &[])?;
                 retain_tx(m, mr, cr, &prepared)?;
-                let event = self.event_tx(events, meta, "artifact.upload", &record, principal, now)?;
+                let event =
+                    self.event_tx(events, meta, "artifact.upload", &record, principal, now)?;
                 Ok((record, event))
             })
             .map_err(tx_error)
@@ -234,7 +240,13 @@ impl Engine {
         }
         let mut records: Vec<ArtifactRecord> = out.into_iter().flatten().collect();
         records.sort_by(|a, b| {
-            (a.created_at, &a.stack, &a.task, &a.name, a.version).cmp(&(b.created_at, &b.stack, &b.task, &b.name, b.version))
+            (a.created_at, &a.stack, &a.task, &a.name, a.version).cmp(&(
+                b.created_at,
+                &b.stack,
+                &b.task,
+                &b.name,
+                b.version,
+            ))
         });
         if let Some(limit) = query.limit {
             let skip = records.len().saturating_sub(limit);
@@ -271,8 +283,13 @@ impl Engine {
             let (Some(stack), Some(task)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let (stack, task) = (String::from_utf8_lossy(stack).into_owned(), String::from_utf8_lossy(task).into_owned());
-            if selector.stack.as_ref().is_some_and(|s| *s != stack) || selector.task.as_ref().is_some_and(|t| *t != task) {
+            let (stack, task) = (
+                String::from_utf8_lossy(stack).into_owned(),
+                String::from_utf8_lossy(task).into_owned(),
+            );
+            if selector.stack.as_ref().is_some_and(|s| *s != stack)
+                || selector.task.as_ref().is_some_and(|t| *t != task)
+            {
                 continue;
             }
             places.insert((stack, task));
@@ -289,8 +306,18 @@ impl Engine {
         };
         let key = ArtifactKey::new(&selector.name, Some(&stack), Some(&task))?;
         let record = match selector.version {
-            Some(v) => self.artifacts.get(key.version_key(v))?.map(|b| ArtifactRecord::decode(&b)).transpose()?,
-            None => self.artifacts.scan_prefix(key.prefix()).next_back().transpose()?.map(|(_, b)| ArtifactRecord::decode(&b)).transpose()?,
+            Some(v) => self
+                .artifacts
+                .get(key.version_key(v))?
+                .map(|b| ArtifactRecord::decode(&b))
+                .transpose()?,
+            None => self
+                .artifacts
+                .scan_prefix(key.prefix())
+                .next_back()
+                .transpose()?
+                .map(|(_, b)| ArtifactRecord::decode(&b))
+                .transpose()?,
         };
         record.ok_or_else(not_found)
     }
@@ -299,8 +326,17 @@ impl Engine {
     /// its name), verifying every chunk and the whole SHA-256. The content goes to a temporary
     /// file beside the target that is renamed into place only when every check passed; the
     /// download count goes up only then. Returns the path written.
-    pub async fn download_to(&self, record: &ArtifactRecord, target: &Path, principal: &str) -> Result<PathBuf> {
-        let target = if target.is_dir() { target.join(&record.name) } else { target.to_path_buf() };
+    pub async fn download_to(
+        &self,
+        record: &ArtifactRecord,
+        target: &Path,
+        principal: &str,
+    ) -> Result<PathBuf> {
+        let target = if target.is_dir() {
+            target.join(&record.name)
+        } else {
+            target.to_path_buf()
+        };
         let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -311,7 +347,10 @@ impl Engine {
         };
         let tmp = dir.join(format!(
             ".{}.sloth-download-{}-{}",
-            target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             std::process::id(),
             record.id
         ));
@@ -351,12 +390,14 @@ impl Engine {
                     // Deleted meanwhile: the bytes were delivered, there is nothing to count on.
                     return Ok(None);
                 };
-                let mut current = ArtifactRecord::decode(&bytes)
-                    .map_err(|e| ConflictableTransactionError::Abort(sloth_cas::Error::Task(e.to_string())))?;
+                let mut current = ArtifactRecord::decode(&bytes).map_err(|e| {
+                    ConflictableTransactionError::Abort(sloth_cas::Error::Task(e.to_string()))
+                })?;
                 current.download_count += 1;
                 current.last_download_at = Some(now);
                 artifacts.insert(key.version_key(record.version), current.encode())?;
-                let event = self.event_tx(events, meta, "artifact.download", &current, principal, now)?;
+                let event =
+                    self.event_tx(events, meta, "artifact.download", &current, principal, now)?;
                 Ok(Some((current, event)))
             })
             .map_err(tx_error)
@@ -369,7 +410,11 @@ impl Engine {
 
     /// Deletes one version (when `selector.version` is given) or every version of the artifact
     /// `selector` means. Chunks nothing else uses are reclaimed by a GC pass right after.
-    pub async fn delete(&self, selector: &Selector, principal: &str) -> Result<Vec<ArtifactRecord>> {
+    pub async fn delete(
+        &self,
+        selector: &Selector,
+        principal: &str,
+    ) -> Result<Vec<ArtifactRecord>> {
         let target = self.resolve(selector)?;
         let key = target.key()?;
         let _write = self.write.lock().await;
@@ -395,7 +440,14 @@ impl Engine {
                 for record in &doomed {
                     artifacts.remove(key.version_key(record.version))?;
                     release_tx(m, mr, cr, record.manifest)?;
-                    out.push(self.event_tx(events, meta, "artifact.delete", record, principal, now)?);
+                    out.push(self.event_tx(
+                        events,
+                        meta,
+                        "artifact.delete",
+                        record,
+                        principal,
+                        now,
+                    )?);
                 }
                 if remaining == 0 {
                     by_name.remove(by_name_key(&key))?;
@@ -411,7 +463,9 @@ impl Engine {
         }
         if let Some(layout) = &self.layout {
             let newest = self.versions(&key)?.pop();
-            layout.replace(&self.cas, &key, newest.as_ref(), generation).await?;
+            layout
+                .replace(&self.cas, &key, newest.as_ref(), generation)
+                .await?;
         }
         drop(_write);
         self.cas.gc().await?;
@@ -440,7 +494,10 @@ impl Engine {
 
     /// Per-stack usage figures.
     pub fn stack_usage(&self) -> Result<Vec<StackUsage>> {
-        let mut usage: std::collections::BTreeMap<String, (StackUsage, BTreeSet<(String, String)>)> = Default::default();
+        let mut usage: std::collections::BTreeMap<
+            String,
+            (StackUsage, BTreeSet<(String, String)>),
+        > = Default::default();
         for record in self.list(&ListQuery {
             all_versions: true,
             ..ListQuery::default()
@@ -496,7 +553,9 @@ impl Engine {
         let generation = self.generation()?;
         self.sqlite.upsert(record, event, generation)?;
         if let Some(layout) = &self.layout {
-            layout.replace(&self.cas, &record.key()?, Some(record), generation).await?;
+            layout
+                .replace(&self.cas, &record.key()?, Some(record), generation)
+                .await?;
         }
         Ok(())
     }

@@ -141,13 +141,19 @@ impl Layout {
     }
 
     /// Recreates the whole layout from the newest version of every artifact.
-    pub(crate) async fn rebuild(&self, cas: &Cas, newest: &[ArtifactRecord], generation: u64) -> Result<()> {
+    pub(crate) async fn rebuild(
+        &self,
+        cas: &Cas,
+        newest: &[ArtifactRecord],
+        generation: u64,
+    ) -> Result<()> {
         if self.root.exists() {
             std::fs::remove_dir_all(&self.root)?;
         }
         std::fs::create_dir_all(&self.root)?;
         for record in newest {
-            self.replace(cas, &record.key()?, Some(record), generation).await?;
+            self.replace(cas, &record.key()?, Some(record), generation)
+                .await?;
         }
         self.remove_unused_objects()?;
         self.set_generation(generation)

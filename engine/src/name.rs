@@ -77,7 +77,8 @@ impl ArtifactKey {
 
     /// The catalog key prefix shared by every version: `stack\0task\0name\0`.
     pub(crate) fn prefix(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.stack.0.len() + self.task.0.len() + self.name.0.len() + 3);
+        let mut k =
+            Vec::with_capacity(self.stack.0.len() + self.task.0.len() + self.name.0.len() + 3);
         for part in [&self.stack, &self.task, &self.name] {
             k.extend_from_slice(part.0.as_bytes());
             k.push(0);
@@ -99,14 +100,33 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in ["app-v1.2.3.bin", "test-results.xml", "a", "résumé.pdf", "x.y", ".hidden", &"n".repeat(255)] {
+        for ok in [
+            "app-v1.2.3.bin",
+            "test-results.xml",
+            "a",
+            "résumé.pdf",
+            "x.y",
+            ".hidden",
+            &"n".repeat(255),
+        ] {
             Name::parse("artifact name", ok).unwrap();
         }
     }
 
     #[test]
     fn rejects_each_rule() {
-        for bad in ["", "a/b", "a\\b", "..", "a..b", ".", "a\0b", "tab\there", "new\nline", &"n".repeat(256)] {
+        for bad in [
+            "",
+            "a/b",
+            "a\\b",
+            "..",
+            "a..b",
+            ".",
+            "a\0b",
+            "tab\there",
+            "new\nline",
+            &"n".repeat(256),
+        ] {
             let err = Name::parse("artifact name", bad).unwrap_err().to_string();
             assert!(err.starts_with("invalid artifact name"), "{bad:?}: {err}");
         }

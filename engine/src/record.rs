@@ -94,9 +94,12 @@ impl ArtifactRecord {
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
-        let record: Self = serde_json::from_slice(bytes).map_err(|e| Error::CorruptRecord(e.to_string()))?;
+        let record: Self =
+            serde_json::from_slice(bytes).map_err(|e| Error::CorruptRecord(e.to_string()))?;
         // Names are validated on the way in; a record that breaks the rules was tampered with.
-        record.key().map_err(|e| Error::CorruptRecord(e.to_string()))?;
+        record
+            .key()
+            .map_err(|e| Error::CorruptRecord(e.to_string()))?;
         Ok(record)
     }
 }
@@ -110,7 +113,9 @@ mod manifest_hex {
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ManifestId, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -182,7 +187,6 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +220,9 @@ mod tests {
             last_download_at: None,
         };
         assert_eq!(ArtifactRecord::decode(&rec.encode()).unwrap(), rec);
-        let evil = String::from_utf8(rec.encode()).unwrap().replace("app.bin", "../../etc/passwd");
+        let evil = String::from_utf8(rec.encode())
+            .unwrap()
+            .replace("app.bin", "../../etc/passwd");
         assert!(ArtifactRecord::decode(evil.as_bytes()).is_err());
     }
 }

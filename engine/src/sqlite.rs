@@ -107,7 +107,11 @@ impl SqliteProjection {
     pub(crate) fn generation(&self) -> Result<Option<u64>> {
         Ok(self
             .lock()
-            .query_row("SELECT value FROM projection_meta WHERE key = 'generation'", [], |r| r.get::<_, i64>(0))
+            .query_row(
+                "SELECT value FROM projection_meta WHERE key = 'generation'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
             .optional()?
             .map(|v| v as u64))
     }
@@ -182,7 +186,12 @@ impl SqliteProjection {
     }
 
     /// A new or changed version, with the event that changed it.
-    pub(crate) fn upsert(&self, record: &ArtifactRecord, event: &Event, generation: u64) -> Result<()> {
+    pub(crate) fn upsert(
+        &self,
+        record: &ArtifactRecord,
+        event: &Event,
+        generation: u64,
+    ) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         self.put_record(&tx, record)?;
@@ -193,10 +202,18 @@ impl SqliteProjection {
     }
 
     /// A deleted version, with its delete event.
-    pub(crate) fn delete(&self, record: &ArtifactRecord, event: &Event, generation: u64) -> Result<()> {
+    pub(crate) fn delete(
+        &self,
+        record: &ArtifactRecord,
+        event: &Event,
+        generation: u64,
+    ) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        tx.execute("DELETE FROM artifacts WHERE id = ?1", params![record.id.to_string()])?;
+        tx.execute(
+            "DELETE FROM artifacts WHERE id = ?1",
+            params![record.id.to_string()],
+        )?;
         Self::put_event(&tx, event)?;
         Self::set_generation(&tx, generation)?;
         tx.commit()?;
@@ -204,10 +221,17 @@ impl SqliteProjection {
     }
 
     /// Replaces the whole content with the catalog's.
-    pub(crate) fn rebuild(&self, records: &[ArtifactRecord], events: &[Event], generation: u64) -> Result<()> {
+    pub(crate) fn rebuild(
+        &self,
+        records: &[ArtifactRecord],
+        events: &[Event],
+        generation: u64,
+    ) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        tx.execute_batch("DELETE FROM artifact_versions; DELETE FROM artifacts; DELETE FROM events;")?;
+        tx.execute_batch(
+            "DELETE FROM artifact_versions; DELETE FROM artifacts; DELETE FROM events;",
+        )?;
         for r in records {
             self.put_record(&tx, r)?;
         }
