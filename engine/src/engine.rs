@@ -17,6 +17,10 @@ const LATEST_TREE: &str = "artifact_latest";
 const BY_NAME_TREE: &str = "artifact_by_name";
 const EVENTS_TREE: &str = "events";
 const META_TREE: &str = "engine_meta";
+const BY_TIME_ALL_TREE: &str = "artifact_by_time";
+const BY_TIME_LATEST_TREE: &str = "artifact_latest_by_time";
+/// Set in `engine_meta` once the time indexes cover every record.
+const TIME_INDEX_READY: &[u8] = b"time_index";
 const GENERATION: &[u8] = b"generation";
 
 /// How the engine is opened.
@@ -90,6 +94,11 @@ pub struct Engine {
     by_name: sled::Tree,
     events: sled::Tree,
     meta: sled::Tree,
+    /// created_at + id → version key, for every version (`list --all-versions`).
+    by_time_all: sled::Tree,
+    /// The same for the newest version of each artifact only (`list`), so that the most recent
+    /// N come from walking N index entries instead of decoding the whole catalog.
+    by_time_latest: sled::Tree,
     data_dir: PathBuf,
     agent: String,
     sqlite: SqliteProjection,
@@ -113,6 +122,8 @@ impl Engine {
             by_name: db.open_tree(BY_NAME_TREE)?,
             events: db.open_tree(EVENTS_TREE)?,
             meta: db.open_tree(META_TREE)?,
+            by_time_all: db.open_tree(BY_TIME_ALL_TREE)?,
+            by_time_latest: db.open_tree(BY_TIME_LATEST_TREE)?,
             sqlite: SqliteProjection::open(&data_dir, config.layout)?,
             layout: config.layout.then(|| Layout::new(&data_dir)),
             data_dir,
@@ -120,6 +131,7 @@ impl Engine {
             cas,
             write: tokio::sync::Mutex::new(()),
         };
+        engine.build_time_indexes()?;
         engine.repair_projections().await?;
         Ok(engine)
     }
@@ -171,6 +183,7 @@ impl Engine {
         let manifest = staged.manifest();
         let now = now_secs();
         let _write = self.write.lock().await;
+        let previous = self.versions(key)?.pop();
         let trees = self.cas.trees();
         let (record, event) = (
             &trees.manifests,
@@ -181,33 +194,53 @@ impl Engine {
             &self.by_name,
             &self.events,
             &self.meta,
+            &self.by_time_all,
+            &self.by_time_latest,
         )
-            .transaction(|(m, mr, cr, artifacts, latest, by_name, events, meta)| {
-                let prefix = key.prefix();
-                let version = latest.get(&prefix)?.map_or(0, |v| decode_u32(&v)) + 1;
-                latest.insert(prefix.as_slice(), &version.to_be_bytes())?;
-                let record = ArtifactRecord {
-                    id: ArtifactId::generate(key, version),
-                    name: key.name.to_string(),
-                    stack: key.stack.to_string(),
-                    task: key.task.to_string(),
-                    version,
-                    size: manifest.len(),
-                    checksum: format!("sha256:{}", manifest.digests().sha256_hex()),
-                    manifest: prepared.id(),
-                    stored_bytes: staged.stats().new_stored_bytes,
-                    created_at: now,
-                    modified_at: now,
-                    download_count: 0,
-                    last_download_at: None,
-                };
-                artifacts.insert(key.version_key(version), record.encode())?;
-                by_name.insert(by_name_key(key), &[])?;
-                retain_tx(m, mr, cr, &prepared)?;
-                let event =
-                    self.event_tx(events, meta, "artifact.upload", &record, principal, now)?;
-                Ok((record, event))
-            })
+            .transaction(
+                |(
+                    m,
+                    mr,
+                    cr,
+                    artifacts,
+                    latest,
+                    by_name,
+                    events,
+                    meta,
+                    by_time_all,
+                    by_time_latest,
+                )| {
+                    let prefix = key.prefix();
+                    let version = latest.get(&prefix)?.map_or(0, |v| decode_u32(&v)) + 1;
+                    latest.insert(prefix.as_slice(), &version.to_be_bytes())?;
+                    let record = ArtifactRecord {
+                        id: ArtifactId::generate(key, version),
+                        name: key.name.to_string(),
+                        stack: key.stack.to_string(),
+                        task: key.task.to_string(),
+                        version,
+                        size: manifest.len(),
+                        checksum: format!("sha256:{}", manifest.digests().sha256_hex()),
+                        manifest: prepared.id(),
+                        stored_bytes: staged.stats().new_stored_bytes,
+                        created_at: now,
+                        modified_at: now,
+                        download_count: 0,
+                        last_download_at: None,
+                    };
+                    artifacts.insert(key.version_key(version), record.encode())?;
+                    by_name.insert(by_name_key(key), &[])?;
+                    by_time_all.insert(&time_key(&record), key.version_key(version))?;
+                    if let Some(previous) = &previous {
+                        by_time_latest.remove(&time_key(previous))?;
+                    }
+                    by_time_latest.insert(&time_key(&record), key.version_key(version))?;
+                    retain_tx(m, mr, cr, &prepared)?;
+                    let event =
+                        self.event_tx(events, meta, "artifact.upload", &record, principal, now)?;
+                    Ok((record, event))
+                },
+            )
             .map_err(tx_error)
             .map_err(Error::from)?;
         self.cas.flush().await?;
@@ -216,43 +249,65 @@ impl Engine {
         Ok(record)
     }
 
-    /// Artifacts matching `query`, oldest first (the most recent `limit` of them).
+    /// Artifacts matching `query`, oldest first (the most recent `limit` of them), ordered by
+    /// upload time. Walks a time index from the newest end, so `--limit 50` reads about 50
+    /// records however large the catalog is (more when stack/task filters skip some).
     pub fn list(&self, query: &ListQuery) -> Result<Vec<ArtifactRecord>> {
+        let index = if query.all_versions {
+            &self.by_time_all
+        } else {
+            &self.by_time_latest
+        };
         let mut out = Vec::new();
-        let mut last_prefix: Vec<u8> = Vec::new();
-        for item in self.artifacts.iter() {
-            let (k, v) = item?;
-            let prefix = &k[..k.len().saturating_sub(4)];
-            if !query.all_versions && prefix == last_prefix.as_slice() {
-                // Keys are ordered by version within an artifact: keep only the newest.
-                out.pop();
+        for item in index.iter().rev() {
+            if query.limit.is_some_and(|l| out.len() >= l) {
+                break;
             }
-            last_prefix = prefix.to_vec();
-            let record = ArtifactRecord::decode(&v)?;
+            let (_, version_key) = item?;
+            let Some(bytes) = self.artifacts.get(&version_key)? else {
+                return Err(Error::CorruptRecord(
+                    "time index points at a missing record".into(),
+                ));
+            };
+            let record = ArtifactRecord::decode(&bytes)?;
             if query.stack.as_ref().is_some_and(|s| *s != record.stack)
                 || query.task.as_ref().is_some_and(|t| *t != record.task)
             {
-                // Still remembered as "seen" above so an older version cannot reappear.
-                out.push(None);
                 continue;
             }
-            out.push(Some(record));
+            out.push(record);
         }
-        let mut records: Vec<ArtifactRecord> = out.into_iter().flatten().collect();
-        records.sort_by(|a, b| {
-            (a.created_at, &a.stack, &a.task, &a.name, a.version).cmp(&(
-                b.created_at,
-                &b.stack,
-                &b.task,
-                &b.name,
-                b.version,
-            ))
-        });
-        if let Some(limit) = query.limit {
-            let skip = records.len().saturating_sub(limit);
-            records.drain(..skip);
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Builds the time indexes from the records when they were never built (a catalog from
+    /// before they existed).
+    fn build_time_indexes(&self) -> Result<()> {
+        if self.meta.contains_key(TIME_INDEX_READY)? {
+            return Ok(());
         }
-        Ok(records)
+        self.by_time_all.clear()?;
+        self.by_time_latest.clear()?;
+        let mut newest: Option<(Vec<u8>, Vec<u8>, ArtifactRecord)> = None;
+        for item in self.artifacts.iter() {
+            let (k, v) = item?;
+            let record = ArtifactRecord::decode(&v)?;
+            self.by_time_all.insert(time_key(&record), k.as_ref())?;
+            let prefix = k[..k.len().saturating_sub(4)].to_vec();
+            if let Some((p, vk, r)) = &newest
+                && *p != prefix
+            {
+                self.by_time_latest.insert(time_key(r), vk.as_slice())?;
+            }
+            newest = Some((prefix, k.to_vec(), record));
+        }
+        if let Some((_, vk, r)) = &newest {
+            self.by_time_latest.insert(time_key(r), vk.as_slice())?;
+        }
+        self.meta.insert(TIME_INDEX_READY, &[1])?;
+        self.meta.flush()?;
+        Ok(())
     }
 
     /// Every version of one artifact, oldest first.
@@ -423,7 +478,8 @@ impl Engine {
             Some(v) => all.iter().filter(|r| r.version == v).cloned().collect(),
             None => all.clone(),
         };
-        let remaining = all.len() - doomed.len();
+        let remaining: Vec<&ArtifactRecord> = all.iter().filter(|r| !doomed.contains(r)).collect();
+        let newest_after = remaining.last().copied();
         let now = now_secs();
         let trees = self.cas.trees();
         let events = (
@@ -434,26 +490,38 @@ impl Engine {
             &self.by_name,
             &self.events,
             &self.meta,
+            &self.by_time_all,
+            &self.by_time_latest,
         )
-            .transaction(|(m, mr, cr, artifacts, by_name, events, meta)| {
-                let mut out = Vec::with_capacity(doomed.len());
-                for record in &doomed {
-                    artifacts.remove(key.version_key(record.version))?;
-                    release_tx(m, mr, cr, record.manifest)?;
-                    out.push(self.event_tx(
-                        events,
-                        meta,
-                        "artifact.delete",
-                        record,
-                        principal,
-                        now,
-                    )?);
-                }
-                if remaining == 0 {
-                    by_name.remove(by_name_key(&key))?;
-                }
-                Ok(out)
-            })
+            .transaction(
+                |(m, mr, cr, artifacts, by_name, events, meta, by_time_all, by_time_latest)| {
+                    let mut out = Vec::with_capacity(doomed.len());
+                    for record in &doomed {
+                        artifacts.remove(key.version_key(record.version))?;
+                        by_time_all.remove(&time_key(record))?;
+                        by_time_latest.remove(&time_key(record))?;
+                        release_tx(m, mr, cr, record.manifest)?;
+                        out.push(self.event_tx(
+                            events,
+                            meta,
+                            "artifact.delete",
+                            record,
+                            principal,
+                            now,
+                        )?);
+                    }
+                    match newest_after {
+                        Some(newest) => {
+                            by_time_latest
+                                .insert(&time_key(newest), key.version_key(newest.version))?;
+                        }
+                        None => {
+                            by_name.remove(by_name_key(&key))?;
+                        }
+                    }
+                    Ok(out)
+                },
+            )
             .map_err(tx_error)
             .map_err(Error::from)?;
         self.cas.flush().await?;
@@ -562,13 +630,14 @@ impl Engine {
 
     /// Rebuilds `metadata.db` and the layout when they are missing or behind the catalog.
     async fn repair_projections(&self) -> Result<()> {
+        // Only the generations are compared on every open: reading the catalog is for repairs.
         let generation = self.generation()?;
-        let all = self.list(&ListQuery {
-            all_versions: true,
-            ..ListQuery::default()
-        })?;
         if self.sqlite.generation()? != Some(generation) {
             tracing::info!("rebuilding metadata.db at generation {generation}");
+            let all = self.list(&ListQuery {
+                all_versions: true,
+                ..ListQuery::default()
+            })?;
             let events = self.events(None, None)?;
             self.sqlite.rebuild(&all, &events, generation)?;
         }
@@ -581,6 +650,15 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Time-index key: upload time (u64 BE) then id (u128 BE, itself time-ordered), so entries
+/// sort by upload time and never collide.
+fn time_key(record: &ArtifactRecord) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&(record.created_at.max(0) as u64).to_be_bytes());
+    k[8..].copy_from_slice(&record.id.as_u128().to_be_bytes());
+    k
 }
 
 fn by_name_key(key: &ArtifactKey) -> Vec<u8> {

@@ -77,6 +77,12 @@ async fn versions_newest_wins_and_old_stay_reachable() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(&shown).unwrap(), bytes(1, 10_000));
+    let listed = engine.list(&ListQuery::default()).unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.version).collect::<Vec<_>>(),
+        vec![1],
+        "list follows the delete"
+    );
     let v3 = engine
         .upload(&key, std::io::Cursor::new(bytes(3, 5_000)), "alice")
         .await
@@ -375,5 +381,56 @@ async fn unwritable_data_dir_is_named() {
     assert!(
         err.to_string().contains("/proc/sloth-cannot-be-here"),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_limits_to_the_most_recent_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    for i in 0..12u8 {
+        let stack = if i % 3 == 0 { "prod" } else { "dev" };
+        let key = ArtifactKey::new(&format!("a{i:02}"), Some(stack), Some("build")).unwrap();
+        engine
+            .upload(&key, std::io::Cursor::new(bytes(i, 100)), "alice")
+            .await
+            .unwrap();
+    }
+    let names = |q: &ListQuery| -> Vec<String> {
+        engine
+            .list(q)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    };
+    assert_eq!(
+        names(&ListQuery {
+            limit: Some(3),
+            ..ListQuery::default()
+        }),
+        ["a09", "a10", "a11"]
+    );
+    assert_eq!(
+        names(&ListQuery {
+            stack: Some("prod".into()),
+            ..ListQuery::default()
+        }),
+        ["a00", "a03", "a06", "a09"]
+    );
+    assert_eq!(
+        names(&ListQuery {
+            stack: Some("prod".into()),
+            limit: Some(2),
+            ..ListQuery::default()
+        }),
+        ["a06", "a09"]
+    );
+    assert!(
+        names(&ListQuery {
+            task: Some("deploy".into()),
+            ..ListQuery::default()
+        })
+        .is_empty()
     );
 }
