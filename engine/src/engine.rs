@@ -178,7 +178,36 @@ impl Engine {
         reader: R,
         principal: &str,
     ) -> Result<ArtifactRecord> {
-        let staged = self.cas.ingest_reader(reader).await?;
+        // With the layout on, the bytes are copied into a staging object as they are read.
+        let copy = self.layout.as_ref().map(|l| l.staging_file()).transpose()?;
+        let result = self
+            .upload_inner(key, reader, principal, copy.as_ref())
+            .await;
+        if let (Err(_), Some((path, _))) = (&result, &copy) {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    async fn upload_inner<R: std::io::Read + Send + 'static>(
+        &self,
+        key: &ArtifactKey,
+        reader: R,
+        principal: &str,
+        copy: Option<&(PathBuf, std::fs::File)>,
+    ) -> Result<ArtifactRecord> {
+        let staged = match copy {
+            Some((_, file)) => {
+                let tee = Tee {
+                    inner: reader,
+                    copy: file.try_clone()?,
+                };
+                let staged = self.cas.ingest_reader(tee).await?;
+                file.sync_data()?;
+                staged
+            }
+            None => self.cas.ingest_reader(reader).await?,
+        };
         let prepared = self.cas.prepare(staged.manifest()).await?;
         let manifest = staged.manifest();
         let now = now_secs();
@@ -245,6 +274,9 @@ impl Engine {
             .map_err(Error::from)?;
         self.cas.flush().await?;
         drop(staged);
+        if let (Some(layout), Some((path, _))) = (&self.layout, copy) {
+            layout.adopt(path, &record)?;
+        }
         self.project_upsert(&record, &event).await?;
         Ok(record)
     }
@@ -649,6 +681,26 @@ impl Engine {
             layout.rebuild(&self.cas, &newest, generation).await?;
         }
         Ok(())
+    }
+}
+
+/// Copies everything read through it into a file.
+struct Tee<R> {
+    inner: R,
+    copy: std::fs::File,
+}
+
+impl<R: std::io::Read> std::io::Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::Write as _;
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n]).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("writing the layout copy in objects/ failed: {e}"),
+            )
+        })?;
+        Ok(n)
     }
 }
 

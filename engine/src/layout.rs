@@ -5,8 +5,10 @@
 //! the catalog. Its disk cost is one uncompressed copy of the newest version of each distinct
 //! content (identical content shares one inode), on top of the deduplicated, compressed store.
 
+use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sloth_cas::Cas;
 
@@ -50,14 +52,46 @@ impl Layout {
         Ok(())
     }
 
+    /// A fresh file in `objects/` for an upload to copy its bytes into as they are read, so
+    /// the object does not have to be read back out of the store afterwards.
+    pub(crate) fn staging_file(&self) -> Result<(PathBuf, File)> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        std::fs::create_dir_all(&self.objects)?;
+        let path = self.objects.join(format!(
+            ".incoming-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = File::create(&path)?;
+        Ok((path, file))
+    }
+
+    /// Makes a staging file (complete and synced) the object of `record`'s content.
+    pub(crate) fn adopt(&self, staged: &Path, record: &ArtifactRecord) -> Result<()> {
+        let path = self.object_path(record);
+        if path.exists() {
+            std::fs::remove_file(staged)?;
+            return Ok(());
+        }
+        std::fs::create_dir_all(path.parent().expect("objects/<aa>"))?;
+        std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o444))?;
+        std::fs::rename(staged, &path)?;
+        Ok(())
+    }
+
+    fn object_path(&self, record: &ArtifactRecord) -> PathBuf {
+        let hex = record.manifest.to_hex();
+        self.objects.join(&hex[..2]).join(&hex)
+    }
+
     /// The materialized object of a version's content, written (verified) if missing.
     async fn object(&self, cas: &Cas, record: &ArtifactRecord) -> Result<PathBuf> {
-        let hex = record.manifest.to_hex();
-        let dir = self.objects.join(&hex[..2]);
-        let path = dir.join(&hex);
+        let path = self.object_path(record);
         if path.exists() {
             return Ok(path);
         }
+        let dir = path.parent().expect("objects/<aa>").to_path_buf();
+        let hex = record.manifest.to_hex();
         std::fs::create_dir_all(&dir)?;
         let tmp = dir.join(format!(".{hex}.tmp-{}", std::process::id()));
         let mut file = tokio::fs::File::create(&tmp).await?;
