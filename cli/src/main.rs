@@ -1,0 +1,101 @@
+//! `sloth-runner`: the command line of sloth-runner's artifact system.
+//!
+//! Each command lives in its own module and writes to the `Write` it is handed; errors come
+//! back here, where they are printed as `error: ` and their chain, with exit code 1.
+
+mod agent;
+mod args;
+mod artifacts;
+mod events;
+mod format;
+mod progress;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{AgentCommand, ArtifactsCommand, Cli, Command, EventsCommand};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        // `sloth-runner ... | head` closing the pipe early is not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = agent::data_dir(cli.data_dir)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match cli.command {
+        Command::Agent {
+            command: AgentCommand::Artifacts { command },
+        } => match command {
+            ArtifactsCommand::List(args) => artifacts::list(&data_dir, args, &mut out).await?,
+            ArtifactsCommand::Upload(args) => artifacts::upload(&data_dir, args, &mut out).await?,
+            ArtifactsCommand::Download(args) => {
+                artifacts::download(&data_dir, args, &mut out).await?
+            }
+            ArtifactsCommand::Show(args) => artifacts::show(&data_dir, args, &mut out).await?,
+            ArtifactsCommand::Delete(args) => {
+                artifacts::delete(&data_dir, args, &mut out, &mut std::io::stdin().lock()).await?
+            }
+        },
+        Command::Events {
+            command: EventsCommand::List(args),
+        } => events::list(&data_dir, args, &mut out).await?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Whether the error is stdout's write failing because the reader went away. Only a bare
+/// I/O error counts: the commands' own writes propagate as such, while store errors that
+/// happen to wrap an I/O error arrive as the engine's error type.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// The error and its causes, joined by `: ` as anyhow's `{:#}` does, except that a cause whose
+/// text the message already shows is not repeated (some library errors print their source in
+/// their own message and also return it from `source()`).
+fn chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_skips_causes_already_shown() {
+        let inner = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(inner)
+            .context("cannot write 'x': disk on fire")
+            .context("downloading");
+        assert_eq!(chain(&e), "downloading: cannot write 'x': disk on fire");
+        let e = anyhow::anyhow!("root").context("outer");
+        assert_eq!(chain(&e), "outer: root");
+    }
+}
