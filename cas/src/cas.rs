@@ -264,10 +264,12 @@ impl<S: ChunkStore> Cas<S> {
         location: String,
     ) -> Result<Self> {
         let meta = db.open_tree(META_TREE)?;
+        let mut changed = false;
         let version = read_u32(&meta, "format")?;
         match version {
             None => {
                 meta.insert("format", &FORMAT_VERSION.to_be_bytes())?;
+                changed = true;
             }
             Some(FORMAT_VERSION) => {}
             Some(found) => {
@@ -290,10 +292,14 @@ impl<S: ChunkStore> Cas<S> {
             (None, requested) => {
                 let params = requested.unwrap_or_default();
                 meta.insert("avg_chunk", &params.avg().to_be_bytes())?;
+                changed = true;
                 params
             }
         };
-        meta.flush()?;
+        // Only a new store writes here: an open of an existing one stays read-only.
+        if changed {
+            meta.flush()?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 manifests: db.open_tree(MANIFESTS_TREE)?,

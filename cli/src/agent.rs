@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use sloth_engine::{Engine, EngineConfig};
 
+/// How long a command waits for another `sloth-runner` process to release the store.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The one agent that exists today: the embedded store in the data directory.
 pub(crate) const LOCAL: &str = "local";
 
@@ -19,10 +22,13 @@ pub(crate) async fn open(agent: &str, data_dir: &Path) -> anyhow::Result<Engine>
             data_dir.display()
         );
     }
-    let config = EngineConfig {
+    let mut config = EngineConfig {
         agent: LOCAL.into(),
         ..EngineConfig::default()
     };
+    // The embedded store serves one process at a time (sled's lock): commands started
+    // together on `local` take turns instead of failing, up to this long.
+    config.cas.lock_wait = LOCK_WAIT;
     Ok(Engine::open(data_dir, config).await?)
 }
 

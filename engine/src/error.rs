@@ -59,7 +59,7 @@ pub enum Error {
     },
 
     /// The download target cannot be written.
-    #[error("cannot write '{}': {source}", .path.display())]
+    #[error("cannot write '{}'", .path.display())]
     Output {
         /// Where the artifact was to be written.
         path: PathBuf,
@@ -68,7 +68,7 @@ pub enum Error {
     },
 
     /// Content failed verification while reading an artifact.
-    #[error("artifact '{name}' (version {version}) failed verification: {source}")]
+    #[error("artifact '{name}' (version {version}) failed verification")]
     Damaged {
         /// The artifact.
         name: String,
