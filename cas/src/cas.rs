@@ -518,21 +518,50 @@ impl<S: ChunkStore> Cas<S> {
             out.write_all(&chunk).await.map_err(Error::Output)?;
         }
         out.flush().await.map_err(Error::Output)?;
-        let len = hasher.len();
-        let digests = hasher.finish();
-        if len != manifest.len() || digests.sha256 != manifest.digests().sha256 {
-            return Err(Error::DigestMismatch {
-                manifest: id,
-                algorithm: "sha256",
-            });
+        verify_whole(id, &manifest, hasher)
+    }
+
+    /// [`Cas::read_to`] into a blocking writer (a file), which then runs on its own thread
+    /// together with the whole-content hashing, overlapping the chunk fetching and decoding.
+    /// Returns the bytes written and the writer.
+    pub async fn read_to_writer<W: std::io::Write + Send + 'static>(
+        &self,
+        id: ManifestId,
+        mut out: W,
+    ) -> Result<(u64, W)> {
+        let manifest = self.manifest(id).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.inner.config.concurrency);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut hasher = ContentHasher::default();
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+                out.write_all(&chunk).map_err(Error::Output)?;
+            }
+            out.flush().map_err(Error::Output)?;
+            Ok::<_, Error>((hasher, out))
+        });
+        let mut chunks = std::pin::pin!(self.read_chunks(&manifest));
+        let mut failed = None;
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    if tx.send(chunk).await.is_err() {
+                        break; // the writer failed; it says why below
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        if digests.blake3 != manifest.digests().blake3 {
-            return Err(Error::DigestMismatch {
-                manifest: id,
-                algorithm: "blake3",
-            });
+        drop(tx);
+        let written = writer.await?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        Ok(len)
+        let (hasher, out) = written?;
+        Ok((verify_whole(id, &manifest, hasher)?, out))
     }
 
     /// Deletes every chunk that no manifest references and no ingest in flight has leased.
@@ -711,6 +740,25 @@ impl<S: ChunkStore> Cas<S> {
     pub fn location(&self) -> &str {
         &self.inner.location
     }
+}
+
+/// Checks what was read against the manifest's length and whole-content digests.
+fn verify_whole(id: ManifestId, manifest: &Manifest, hasher: ContentHasher) -> Result<u64> {
+    let len = hasher.len();
+    let digests = hasher.finish();
+    if len != manifest.len() || digests.sha256 != manifest.digests().sha256 {
+        return Err(Error::DigestMismatch {
+            manifest: id,
+            algorithm: "sha256",
+        });
+    }
+    if digests.blake3 != manifest.digests().blake3 {
+        return Err(Error::DigestMismatch {
+            manifest: id,
+            algorithm: "blake3",
+        });
+    }
+    Ok(len)
 }
 
 /// Hashes one chunk, leases it and stores it unless the store already has it. Returns the

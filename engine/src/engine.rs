@@ -441,24 +441,25 @@ impl Engine {
             std::process::id(),
             record.id
         ));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(out_err)?;
-        let written = self.cas.read_to(record.manifest, &mut file).await;
-        let synced = match &written {
-            Ok(_) => file.sync_all().await,
-            Err(_) => Ok(()),
+        let file = std::fs::File::create(&tmp).map_err(out_err)?;
+        // Chunks arrive in pieces of hundreds of KiB: no buffering needed in front of the file.
+        let written = self.cas.read_to_writer(record.manifest, file).await;
+        let synced = match written {
+            Ok((_, file)) => tokio::task::spawn_blocking(move || file.sync_all())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(match e {
+                    sloth_cas::Error::Output(io) => out_err(io),
+                    other => Error::Damaged {
+                        name: record.name.clone(),
+                        version: record.version,
+                        source: other,
+                    },
+                });
+            }
         };
-        drop(file);
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(match e {
-                sloth_cas::Error::Output(io) => out_err(io),
-                other => Error::Damaged {
-                    name: record.name.clone(),
-                    version: record.version,
-                    source: other,
-                },
-            });
-        }
         if let Err(e) = synced.and_then(|()| std::fs::rename(&tmp, &target)) {
             let _ = std::fs::remove_file(&tmp);
             return Err(out_err(e));

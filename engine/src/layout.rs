@@ -94,17 +94,19 @@ impl Layout {
         let hex = record.manifest.to_hex();
         std::fs::create_dir_all(&dir)?;
         let tmp = dir.join(format!(".{hex}.tmp-{}", std::process::id()));
-        let mut file = tokio::fs::File::create(&tmp).await?;
-        if let Err(e) = cas.read_to(record.manifest, &mut file).await {
-            drop(file);
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::Damaged {
-                name: record.name.clone(),
-                version: record.version,
-                source: e,
-            });
-        }
-        file.sync_all().await?;
+        let file = std::fs::File::create(&tmp)?;
+        let file = match cas.read_to_writer(record.manifest, file).await {
+            Ok((_, file)) => file,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::Damaged {
+                    name: record.name.clone(),
+                    version: record.version,
+                    source: e,
+                });
+            }
+        };
+        file.sync_all()?;
         drop(file);
         // Read-only: every link shares this inode, so a write through one would change all.
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))?;
