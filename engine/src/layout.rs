@@ -136,6 +136,12 @@ impl Layout {
                 let _ = std::fs::remove_file(&tmp);
                 std::fs::hard_link(&object, &tmp)?;
                 std::fs::rename(&tmp, &path)?;
+                // rename() between two links of one inode (same content as before) does
+                // nothing at all, leaving the temporary name behind.
+                match std::fs::remove_file(&tmp) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                    _ => {}
+                }
             }
             None => {
                 match std::fs::remove_file(&path) {

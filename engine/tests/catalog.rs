@@ -434,3 +434,23 @@ async fn list_limits_to_the_most_recent_and_filters() {
         .is_empty()
     );
 }
+
+/// Regression: re-uploading identical content left a `.NAME.link-PID` file beside the entry,
+/// because rename() between two links of the same inode does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_reupload_leaves_one_layout_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    let key = ArtifactKey::new("app.bin", Some("demo"), None).unwrap();
+    for _ in 0..2 {
+        engine
+            .upload(&key, std::io::Cursor::new(bytes(5, 3000)), "alice")
+            .await
+            .unwrap();
+    }
+    let entries: Vec<_> = std::fs::read_dir(dir.path().join("artifacts/demo/default"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(entries, ["app.bin"]);
+}
