@@ -4,7 +4,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use sloth_engine::{Engine, EngineConfig};
+use sloth_engine::{Engine, EngineConfig, StoreConfigFile};
 
 /// How long a command waits for another `sloth-runner` process to release the store.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -22,10 +22,10 @@ pub(crate) async fn open(agent: &str, data_dir: &Path) -> anyhow::Result<Engine>
             data_dir.display()
         );
     }
-    let mut config = EngineConfig {
+    let mut config = StoreConfigFile::load(data_dir)?.apply(EngineConfig {
         agent: LOCAL.into(),
         ..EngineConfig::default()
-    };
+    })?;
     // The embedded store serves one process at a time (sled's lock): commands started
     // together on `local` take turns instead of failing, up to this long.
     config.cas.lock_wait = LOCK_WAIT;

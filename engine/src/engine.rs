@@ -132,6 +132,9 @@ impl Engine {
             write: tokio::sync::Mutex::new(()),
         };
         engine.build_time_indexes()?;
+        if engine.layout.is_none() {
+            Layout::new(&engine.data_dir).remove_if_present()?;
+        }
         engine.repair_projections().await?;
         Ok(engine)
     }

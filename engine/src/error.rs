@@ -58,6 +58,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The store's config file is wrong.
+    #[error("{}: {reason}", .path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The download target cannot be written.
     #[error("cannot write '{}'", .path.display())]
     Output {

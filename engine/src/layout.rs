@@ -182,6 +182,18 @@ impl Layout {
         Ok(())
     }
 
+    /// Removes a layout left from when it was turned on: stale links would show old content.
+    /// Only a tree this module wrote (it has the generation marker) is touched.
+    pub(crate) fn remove_if_present(&self) -> Result<()> {
+        if self.marker().exists() {
+            if self.root.exists() {
+                std::fs::remove_dir_all(&self.root)?;
+            }
+            std::fs::remove_dir_all(&self.objects)?;
+        }
+        Ok(())
+    }
+
     /// Recreates the whole layout from the newest version of every artifact.
     pub(crate) async fn rebuild(
         &self,

@@ -27,6 +27,7 @@
 //! # }
 //! ```
 
+mod config;
 mod engine;
 mod error;
 mod layout;
@@ -34,6 +35,7 @@ mod name;
 mod record;
 mod sqlite;
 
+pub use config::{CONFIG_FILE, StoreConfigFile, config_path};
 pub use engine::{Engine, EngineConfig, ListQuery, Selector, StackUsage};
 pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};

@@ -454,3 +454,31 @@ async fn identical_reupload_leaves_one_layout_entry() {
         .collect();
     assert_eq!(entries, ["app.bin"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_the_layout_off_and_on_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ArtifactKey::new("app.bin", Some("demo"), None).unwrap();
+    open(dir.path())
+        .await
+        .upload(&key, std::io::Cursor::new(bytes(1, 100)), "a")
+        .await
+        .unwrap();
+    let link = dir.path().join("artifacts/demo/default/app.bin");
+    assert!(link.exists());
+    let off = EngineConfig {
+        layout: false,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(dir.path(), off).await.unwrap();
+    assert!(!dir.path().join("artifacts").exists() && !dir.path().join("objects").exists());
+    let rec = engine.resolve(&sel("app.bin")).unwrap();
+    assert!(engine.layout_path(&rec).is_none());
+    drop(engine);
+    open(dir.path()).await;
+    assert_eq!(
+        std::fs::read(&link).unwrap(),
+        bytes(1, 100),
+        "rebuilt when turned back on"
+    );
+}
