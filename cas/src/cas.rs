@@ -201,6 +201,8 @@ struct Inner<S> {
     /// GC holds this exclusively while it decides and deletes; taking a lease holds it shared.
     /// See the crate docs for why this makes GC safe against concurrent ingests.
     gc_gate: tokio::sync::RwLock<()>,
+    /// Held for a whole GC pass.
+    gc_running: tokio::sync::Mutex<()>,
     /// Hashing, compression and decoding run here, one thread per core.
     cpu: CpuPool,
     location: String,
@@ -314,6 +316,7 @@ impl<S: ChunkStore> Cas<S> {
                 },
                 leases: Arc::default(),
                 gc_gate: tokio::sync::RwLock::new(()),
+                gc_running: tokio::sync::Mutex::new(()),
                 cpu: CpuPool::new(std::thread::available_parallelism().map_or(2, |n| n.get()))?,
                 location,
                 _temp: None,
@@ -567,6 +570,9 @@ impl<S: ChunkStore> Cas<S> {
     /// Deletes every chunk that no manifest references and no ingest in flight has leased.
     pub async fn gc(&self) -> Result<GcReport> {
         let inner = &self.inner;
+        // One pass at a time: two compactions at once could each judge the other's fresh
+        // copies dead (see `tests/gc_race.rs::concurrent_gc_passes_lose_nothing`).
+        let _one_pass = inner.gc_running.lock().await;
         let mut report = GcReport::default();
         let mut after = None;
         loop {

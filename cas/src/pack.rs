@@ -101,6 +101,9 @@ struct PackInner {
     state: Mutex<WriteState>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
     pack_target: u64,
+    /// Compactions run one at a time: a second one, started before the first switched its
+    /// index entries, would see the first one's new pack as dead and delete it.
+    compacting: Mutex<()>,
 }
 
 /// The embedded [`ChunkStore`]: pack files under `<store>/packs`, index in sled. Cheap to clone.
@@ -134,6 +137,7 @@ impl PackStore {
                 }),
                 readers: RwLock::default(),
                 pack_target: DEFAULT_PACK_TARGET,
+                compacting: Mutex::new(()),
             }),
         })
     }
@@ -340,6 +344,7 @@ impl PackInner {
     }
 
     fn compact(&self) -> Result<u64> {
+        let _one_at_a_time = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
         // Close the current pack; packs numbered from `limit` on are written after this point
         // (by puts running concurrently, or by this compaction's own copies) and are left alone.
         let limit = {

@@ -103,7 +103,8 @@ pub struct Engine {
     agent: String,
     sqlite: SqliteProjection,
     layout: Option<Layout>,
-    /// Serializes catalog changes so that what is read before a transaction still holds in it.
+    /// Serializes catalog changes, and the projection updates that follow each, so that what
+    /// is read before a transaction still holds in it and projections apply in commit order.
     write: tokio::sync::Mutex<()>,
 }
 
@@ -453,8 +454,20 @@ impl Engine {
                 .unwrap_or_else(|e| Err(std::io::Error::other(e))),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
+                let still_there = self
+                    .artifacts
+                    .get(record.key()?.version_key(record.version))?
+                    .is_some();
                 return Err(match e {
                     sloth_cas::Error::Output(io) => out_err(io),
+                    // Deleted (and its chunks collected) while it was being read: say so,
+                    // rather than calling the store damaged.
+                    _ if !still_there => Error::NotFound {
+                        name: record.name.clone(),
+                        stack: Some(record.stack.clone()),
+                        task: Some(record.task.clone()),
+                        version: Some(record.version),
+                    },
                     other => Error::Damaged {
                         name: record.name.clone(),
                         version: record.version,
@@ -570,12 +583,12 @@ impl Engine {
             layout
                 .replace(&self.cas, &key, newest.as_ref(), generation)
                 .await?;
+            // Under the catalog lock like every layout change: an upload adopting an object
+            // must not see it (or its directory) removed between its rename and its link.
+            layout.remove_unused_objects()?;
         }
         drop(_write);
         self.cas.gc().await?;
-        if let Some(layout) = &self.layout {
-            layout.remove_unused_objects()?;
-        }
         Ok(doomed)
     }
 

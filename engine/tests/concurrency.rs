@@ -56,7 +56,7 @@ async fn overlapping_uploads_downloads_and_deletes() {
                         Err(e) => assert!(
                             e.to_string().contains("not found")
                                 || e.to_string().contains("missing"),
-                            "{e}"
+                            "{e:?}"
                         ),
                     }
                 }
