@@ -48,14 +48,19 @@ impl StoreConfigFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(bad(e.to_string())),
         };
-        let parsed: Self = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        Self::parse(&text).map_err(bad)
+    }
+
+    /// Parses and checks the text of a config file; the error says what is wrong.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let parsed: Self = toml::from_str(text).map_err(|e| e.to_string())?;
         if let Some(avg) = parsed.avg_chunk_size {
-            ChunkerParams::new(avg).map_err(|e| bad(e.to_string()))?;
+            ChunkerParams::new(avg).map_err(|e| e.to_string())?;
         }
         if let Some(level) = parsed.zstd_level
             && !(1..=22).contains(&level)
         {
-            return Err(bad(format!("zstd_level must be 1 to 22, got {level}")));
+            return Err(format!("zstd_level must be 1 to 22, got {level}"));
         }
         Ok(parsed)
     }

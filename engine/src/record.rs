@@ -89,11 +89,14 @@ impl ArtifactRecord {
         ArtifactKey::new(&self.name, Some(&self.stack), Some(&self.task))
     }
 
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The stored encoding (JSON).
+    pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("records always serialize")
     }
 
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+    /// Parses a stored record, untrusted: malformed JSON and names that break the rules are
+    /// errors.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
         let record: Self =
             serde_json::from_slice(bytes).map_err(|e| Error::CorruptRecord(e.to_string()))?;
         // Names are validated on the way in; a record that breaks the rules was tampered with.
@@ -147,11 +150,13 @@ pub struct Event {
 }
 
 impl Event {
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The stored encoding (JSON).
+    pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("events always serialize")
     }
 
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+    /// Parses a stored event, untrusted.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| Error::CorruptRecord(e.to_string()))
     }
 }
