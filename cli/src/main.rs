@@ -19,6 +19,14 @@ use crate::args::{AgentCommand, ArtifactsCommand, Cli, Command, EventsCommand};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Warnings from the libraries (a projection left stale after a committed change, a GC to
+    // retry) go to stderr as `WARN ...`; the commands' own output stays on stdout.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .without_time()
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

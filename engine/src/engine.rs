@@ -133,8 +133,9 @@ impl Engine {
             write: tokio::sync::Mutex::new(()),
         };
         engine.build_time_indexes()?;
-        if engine.layout.is_none() {
-            Layout::new(&engine.data_dir).remove_if_present()?;
+        match &engine.layout {
+            Some(layout) => layout.sweep_leftovers()?,
+            None => Layout::new(&engine.data_dir).remove_if_present()?,
         }
         engine.repair_projections().await?;
         Ok(engine)
@@ -278,10 +279,20 @@ impl Engine {
             .map_err(Error::from)?;
         self.cas.flush().await?;
         drop(staged);
-        if let (Some(layout), Some((path, _))) = (&self.layout, copy) {
-            layout.adopt(path, &record)?;
-        }
-        self.project_upsert(&record, &event).await?;
+        // The version is committed: what follows only updates projections, whose failure must
+        // not make the upload look failed (a retry would add another version). They stay stale
+        // and the next open rebuilds them.
+        let projected = async {
+            if let (Some(layout), Some((path, _))) = (&self.layout, copy) {
+                layout.adopt(path, &record)?;
+            }
+            self.project_upsert(&record, &event).await?;
+            if let (Some(layout), Some(previous)) = (&self.layout, &previous) {
+                layout.remove_object_if_unused(previous)?;
+            }
+            Ok(())
+        };
+        warn_stale(projected.await);
         Ok(record)
     }
 
@@ -436,16 +447,14 @@ impl Engine {
             path: target.clone(),
             source,
         };
-        let tmp = dir.join(format!(
-            ".{}.sloth-download-{}-{}",
-            target
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id(),
-            record.id
-        ));
-        let file = std::fs::File::create(&tmp).map_err(out_err)?;
+        // A fresh, exclusively created temporary name: short whatever the artifact's name (a
+        // 255-byte name plus a suffix would pass the file-name limit), and never shared by two
+        // downloads to the same target. Dropped (deleted) on every path but the final rename.
+        let tmp = tempfile::Builder::new()
+            .prefix(".sloth-download-")
+            .tempfile_in(&dir)
+            .map_err(out_err)?;
+        let file = tmp.as_file().try_clone().map_err(out_err)?;
         // Chunks arrive in pieces of hundreds of KiB: no buffering needed in front of the file.
         let written = self.cas.read_to_writer(record.manifest, file).await;
         let synced = match written {
@@ -453,7 +462,6 @@ impl Engine {
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e))),
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
                 let still_there = self
                     .artifacts
                     .get(record.key()?.version_key(record.version))?
@@ -476,10 +484,14 @@ impl Engine {
                 });
             }
         };
-        if let Err(e) = synced.and_then(|()| std::fs::rename(&tmp, &target)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(out_err(e));
-        }
+        synced.map_err(out_err)?;
+        // tempfile creates 0600; a downloaded artifact gets the usual 0644.
+        std::fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .map_err(out_err)?;
+        tmp.persist(&target).map_err(|e| out_err(e.error))?;
         self.count_download(record, principal).await?;
         Ok(target)
     }
@@ -507,7 +519,19 @@ impl Engine {
             .map_err(tx_error)
             .map_err(Error::from)?;
         if let Some((current, event)) = result {
-            self.sqlite.upsert(&current, &event, self.generation()?)?;
+            let generation = self.generation()?;
+            let projected = self
+                .sqlite
+                .upsert(&current, &event, generation)
+                .and_then(|()| {
+                    // A download changes nothing the layout shows: it is current at this generation
+                    // too (otherwise every download would make the next open rebuild it).
+                    match &self.layout {
+                        Some(layout) => layout.set_generation(generation),
+                        None => Ok(()),
+                    }
+                });
+            warn_stale(projected);
         }
         Ok(())
     }
@@ -519,9 +543,11 @@ impl Engine {
         selector: &Selector,
         principal: &str,
     ) -> Result<Vec<ArtifactRecord>> {
+        let _write = self.write.lock().await;
+        // Resolved under the lock: a concurrent delete of the same artifact makes this one
+        // "not found" instead of a success that deleted nothing.
         let target = self.resolve(selector)?;
         let key = target.key()?;
-        let _write = self.write.lock().await;
         let all = self.versions(&key)?;
         let doomed: Vec<ArtifactRecord> = match selector.version {
             Some(v) => all.iter().filter(|r| r.version == v).cloned().collect(),
@@ -574,21 +600,30 @@ impl Engine {
             .map_err(tx_error)
             .map_err(Error::from)?;
         self.cas.flush().await?;
-        let generation = self.generation()?;
-        for (record, event) in doomed.iter().zip(&events) {
-            self.sqlite.delete(record, event, generation)?;
-        }
-        if let Some(layout) = &self.layout {
-            let newest = self.versions(&key)?.pop();
-            layout
-                .replace(&self.cas, &key, newest.as_ref(), generation)
-                .await?;
-            // Under the catalog lock like every layout change: an upload adopting an object
-            // must not see it (or its directory) removed between its rename and its link.
-            layout.remove_unused_objects()?;
-        }
+        // Committed: projection and GC failures from here on are reported, not returned.
+        let projected = async {
+            let generation = self.generation()?;
+            for (record, event) in doomed.iter().zip(&events) {
+                self.sqlite.delete(record, event, generation)?;
+            }
+            if let Some(layout) = &self.layout {
+                let newest = self.versions(&key)?.pop();
+                layout
+                    .replace(&self.cas, &key, newest.as_ref(), generation)
+                    .await?;
+                // Under the catalog lock like every layout change: an upload adopting an
+                // object must not see it (or its directory) removed before it links it.
+                layout.remove_unused_objects()?;
+            }
+            Ok(())
+        };
+        warn_stale(projected.await);
         drop(_write);
-        self.cas.gc().await?;
+        if let Err(e) = self.cas.gc().await {
+            tracing::warn!(
+                "garbage collection after the delete failed (the next one retries): {e}"
+            );
+        }
         Ok(doomed)
     }
 
@@ -677,11 +712,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Rebuilds `metadata.db` and the layout when they are missing or behind the catalog.
+    /// Rebuilds `metadata.db` and the layout when they are missing or behind the catalog. A
+    /// failed rebuild (a damaged chunk, a full disk) is reported and leaves the projection
+    /// stale for the next open to retry: it never keeps the catalog itself from opening.
     async fn repair_projections(&self) -> Result<()> {
+        warn_stale(self.rebuild_stale_projections().await);
+        Ok(())
+    }
+
+    async fn rebuild_stale_projections(&self) -> Result<()> {
         // Only the generations are compared on every open: reading the catalog is for repairs.
         let generation = self.generation()?;
-        if self.sqlite.generation()? != Some(generation) {
+        if self.sqlite.generation()? != Some(generation)
+            || self.sqlite.layout_flag()? != Some(self.layout.is_some())
+        {
             tracing::info!("rebuilding metadata.db at generation {generation}");
             let all = self.list(&ListQuery {
                 all_versions: true,
@@ -698,6 +742,16 @@ impl Engine {
             layout.rebuild(&self.cas, &newest, generation).await?;
         }
         Ok(())
+    }
+}
+
+/// Reports a projection that could not be brought up to date. The catalog is committed and
+/// the projection's generation stays behind, so the next open rebuilds it.
+fn warn_stale(result: Result<()>) {
+    if let Err(e) = result {
+        tracing::warn!(
+            "a projection (metadata.db or artifacts/) is stale and will be rebuilt on the next open: {e}"
+        );
     }
 }
 

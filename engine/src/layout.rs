@@ -44,7 +44,7 @@ impl Layout {
         }
     }
 
-    fn set_generation(&self, generation: u64) -> Result<()> {
+    pub(crate) fn set_generation(&self, generation: u64) -> Result<()> {
         std::fs::create_dir_all(&self.objects)?;
         let tmp = self.objects.join(".generation.tmp");
         std::fs::write(&tmp, generation.to_string())?;
@@ -132,7 +132,9 @@ impl Layout {
                 let object = self.object(cas, record).await?;
                 let dir = path.parent().expect("has a parent");
                 std::fs::create_dir_all(dir)?;
-                let tmp = dir.join(format!(".{}.link-{}", key.name, std::process::id()));
+                // A short temporary name: `.{name}…` would pass the file-name limit for long
+                // names. Unique per process, and layout changes run under the catalog lock.
+                let tmp = dir.join(format!(".sloth-link-{}", std::process::id()));
                 let _ = std::fs::remove_file(&tmp);
                 std::fs::hard_link(&object, &tmp)?;
                 std::fs::rename(&tmp, &path)?;
@@ -159,6 +161,36 @@ impl Layout {
             }
         }
         self.set_generation(generation)
+    }
+
+    /// Deletes `record`'s object when no layout entry links to it any more (the previous
+    /// version's content after an upload replaced it).
+    pub(crate) fn remove_object_if_unused(&self, record: &ArtifactRecord) -> Result<()> {
+        let path = self.object_path(record);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.nlink() == 1 => std::fs::remove_file(&path)?,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Removes what an interrupted process left: staging copies and temporary links. Called
+    /// at open, when sled's lock guarantees no other process is writing here.
+    pub(crate) fn sweep_leftovers(&self) -> Result<()> {
+        if let Ok(entries) = std::fs::read_dir(&self.objects) {
+            for entry in entries {
+                let path = entry?.path();
+                if path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".incoming-"))
+                {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Deletes objects no layout entry links to any more.

@@ -116,6 +116,20 @@ impl SqliteProjection {
             .map(|v| v as u64))
     }
 
+    /// Whether the layout was on when this file was last rebuilt (its `path` column depends
+    /// on it), or `None` for a file from before this was recorded.
+    pub(crate) fn layout_flag(&self) -> Result<Option<bool>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT value FROM projection_meta WHERE key = 'layout'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|v| v != 0))
+    }
+
     fn path_of(&self, r: &ArtifactRecord) -> String {
         if self.layout {
             self.data_dir
@@ -239,6 +253,10 @@ impl SqliteProjection {
             Self::put_event(&tx, e)?;
         }
         Self::set_generation(&tx, generation)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO projection_meta (key, value) VALUES ('layout', ?1)",
+            params![i64::from(self.layout)],
+        )?;
         tx.commit()?;
         Ok(())
     }

@@ -482,3 +482,94 @@ async fn turning_the_layout_off_and_on_again() {
         "rebuilt when turned back on"
     );
 }
+
+/// Regressions from review: a 255-byte name (temporary names once overflowed the file-name
+/// limit after the commit, breaking every later command), the previous version's object
+/// left behind, leftovers of an interrupted upload, downloads forcing layout rebuilds, and
+/// two downloads to one target sharing a temporary file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_regressions() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    let long = "n".repeat(255);
+    let key = ArtifactKey::new(&long, Some("s"), Some("t")).unwrap();
+    engine
+        .upload(&key, std::io::Cursor::new(bytes(1, 1000)), "a")
+        .await
+        .unwrap();
+    let v2 = engine
+        .upload(&key, std::io::Cursor::new(bytes(2, 1000)), "a")
+        .await
+        .unwrap();
+    let objects = || -> usize {
+        std::fs::read_dir(dir.path().join("objects"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| std::fs::read_dir(e.path()).unwrap().count())
+            .sum()
+    };
+    assert_eq!(objects(), 1, "only the newest version's object stays");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let (a, b) = tokio::join!(
+        engine.download_to(&v2, &out, "a"),
+        engine.download_to(&v2, &out, "b")
+    );
+    assert_eq!(std::fs::read(a.unwrap()).unwrap(), bytes(2, 1000));
+    assert_eq!(std::fs::read(b.unwrap()).unwrap(), bytes(2, 1000));
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "no temporary file left"
+    );
+    drop(engine);
+
+    // A sentinel inside artifacts/ survives the next open: downloads do not force a rebuild.
+    let sentinel = dir.path().join("artifacts/s/t/.sentinel");
+    std::fs::write(&sentinel, b"").unwrap();
+    std::fs::write(dir.path().join("objects/.incoming-1-1"), b"half an upload").unwrap();
+    let engine = open(dir.path()).await;
+    assert!(
+        sentinel.exists(),
+        "the layout was rebuilt although nothing in it changed"
+    );
+    assert!(
+        !dir.path().join("objects/.incoming-1-1").exists(),
+        "leftovers are swept at open"
+    );
+    assert_eq!(engine.resolve(&sel(&long)).unwrap().download_count, 2);
+    engine.delete(&sel(&long), "a").await.unwrap();
+}
+
+/// A projection that cannot be rebuilt (its content is damaged) does not keep the catalog
+/// from opening: the damaged artifact can still be listed and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_projection_rebuild_does_not_lock_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = open(dir.path()).await;
+        let key = ArtifactKey::new("a.bin", None, None).unwrap();
+        let rec = engine
+            .upload(&key, std::io::Cursor::new(bytes(3, 200_000)), "a")
+            .await
+            .unwrap();
+        let chunk = engine.cas().manifest(rec.manifest).await.unwrap().chunks()[0].id;
+        let frame = sloth_cas::ChunkStore::get(engine.cas().chunk_store(), chunk)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut bad = frame.to_vec();
+        bad[20] ^= 0xff;
+        engine
+            .cas()
+            .chunk_store()
+            .corrupt_in_place(chunk, &bad)
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("objects")).unwrap();
+    let engine = open(dir.path()).await;
+    assert_eq!(engine.list(&ListQuery::default()).unwrap().len(), 1);
+    engine.delete(&sel("a.bin"), "a").await.unwrap();
+    assert!(engine.list(&ListQuery::default()).unwrap().is_empty());
+}
