@@ -136,15 +136,11 @@ pub(crate) async fn upload(
         None => default_name(&args.file)?,
     };
     let key = ArtifactKey::new(&name, args.stack.as_deref(), args.task.as_deref())?;
-    // The same checks as `Engine::upload_path`, done here because the file is read through a
+    // Opened here rather than through `Engine::upload_path`: the file is read through a
     // counting adapter for the progress bar.
+    let file = sloth_engine::open_upload(&args.file)?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let shown = args.file.display();
-    let meta = std::fs::metadata(&args.file).with_context(|| format!("cannot upload '{shown}'"))?;
-    if meta.is_dir() {
-        bail!("cannot upload '{shown}': it is a directory");
-    }
-    let file =
-        std::fs::File::open(&args.file).with_context(|| format!("cannot upload '{shown}'"))?;
     let engine = agent::open(&args.agent, data_dir).await?;
 
     writeln!(
@@ -153,7 +149,7 @@ pub(crate) async fn upload(
         args.agent
     )?;
     out.flush()?;
-    let bar = progress::bar(meta.len(), &format!("Uploading {name}"));
+    let bar = progress::bar(len, &format!("Uploading {name}"));
     let reader = progress::Counting::new(file, bar.clone());
     let uploaded = engine.upload(&key, reader, &agent::principal()).await;
     if let Some(bar) = bar {

@@ -115,7 +115,11 @@ impl Engine {
     pub async fn open(data_dir: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
         let data_dir = data_dir.as_ref().to_path_buf();
         check_writable(&data_dir)?;
-        let cas = Cas::open(data_dir.join("store"), config.cas.clone())?;
+        // Opening may wait for another process's lock: off the async worker threads.
+        let (store, cas_config) = (data_dir.join("store"), config.cas.clone());
+        let cas = tokio::task::spawn_blocking(move || Cas::open(store, cas_config))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
         let db = cas.db().clone();
         let engine = Self {
             artifacts: db.open_tree(ARTIFACTS_TREE)?,
@@ -163,15 +167,7 @@ impl Engine {
         path: &Path,
         principal: &str,
     ) -> Result<ArtifactRecord> {
-        let bad = |reason: String| Error::BadInput {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-        if meta.is_dir() {
-            return Err(bad("it is a directory".into()));
-        }
-        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        let file = open_upload(path)?;
         self.upload(key, file, principal).await
     }
 
@@ -743,6 +739,21 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Opens a file to upload, refusing what cannot be one (missing, unreadable, a directory)
+/// with an error naming the path. Callers that wrap the file (a progress counter) use this
+/// and then [`Engine::upload`].
+pub fn open_upload(path: &Path) -> Result<std::fs::File> {
+    let bad = |reason: String| Error::BadInput {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.is_dir() {
+        return Err(bad("it is a directory".into()));
+    }
+    std::fs::File::open(path).map_err(|e| bad(e.to_string()))
 }
 
 /// Reports a projection that could not be brought up to date. The catalog is committed and
