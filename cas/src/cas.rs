@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -203,6 +204,8 @@ struct Inner<S> {
     gc_gate: tokio::sync::RwLock<()>,
     /// Held for a whole GC pass.
     gc_running: tokio::sync::Mutex<()>,
+    /// Frame bytes deleted since the chunk store was last compacted (this process only).
+    freed_since_compaction: std::sync::atomic::AtomicU64,
     /// Hashing, compression and decoding run here, one thread per core.
     cpu: CpuPool,
     location: String,
@@ -317,6 +320,7 @@ impl<S: ChunkStore> Cas<S> {
                 leases: Arc::default(),
                 gc_gate: tokio::sync::RwLock::new(()),
                 gc_running: tokio::sync::Mutex::new(()),
+                freed_since_compaction: std::sync::atomic::AtomicU64::new(0),
                 cpu: CpuPool::new(std::thread::available_parallelism().map_or(2, |n| n.get()))?,
                 location,
                 _temp: None,
@@ -567,7 +571,8 @@ impl<S: ChunkStore> Cas<S> {
         Ok((verify_whole(id, &manifest, hasher)?, out))
     }
 
-    /// Deletes every chunk that no manifest references and no ingest in flight has leased.
+    /// Deletes every chunk that no manifest references and no ingest in flight has leased,
+    /// then compacts the chunk store.
     pub async fn gc(&self) -> Result<GcReport> {
         let inner = &self.inner;
         // One pass at a time: two compactions at once could each judge the other's fresh
@@ -580,38 +585,77 @@ impl<S: ChunkStore> Cas<S> {
             let Some(last) = page.last() else { break };
             after = Some(last.id);
             report.chunks_scanned += page.len() as u64;
-            let unreferenced = |id: &ChunkId| -> Result<bool> {
-                Ok(!inner.chunk_refs.contains_key(id.as_bytes())?)
-            };
-            let mut candidates = Vec::new();
-            for c in &page {
-                if unreferenced(&c.id)? {
-                    candidates.push(c.id);
-                }
-            }
-            if candidates.is_empty() {
-                continue;
-            }
-            // Decide and delete with no lease able to start: a chunk unleased and unreferenced
-            // now cannot gain a reference before it is gone, and an ingest that looks for it
-            // afterwards finds it missing and stores it again.
-            let _gate = inner.gc_gate.write().await;
-            let doomed = {
-                let held = inner.leases.lock();
-                let mut doomed = Vec::with_capacity(candidates.len());
-                for id in candidates {
-                    if !held.contains_key(&id) && unreferenced(&id)? {
-                        doomed.push(id);
-                    }
-                }
-                doomed
-            };
-            report.chunks_deleted += doomed.len() as u64;
-            report.bytes_freed += inner.chunks.delete_many(doomed).await?;
+            self.delete_unreferenced(page.iter().map(|c| c.id).collect(), &mut report)
+                .await?;
         }
         inner.chunks.sync().await?;
         report.bytes_reclaimed = inner.chunks.compact().await?;
+        inner.freed_since_compaction.store(0, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// GC limited to `candidates` (the chunks of manifests just released): deletes those no
+    /// manifest references and no ingest has leased. Costs what the candidates cost, not what
+    /// the store holds; the chunk store is compacted only once the bytes freed since the last
+    /// compaction reach a quarter of what it holds.
+    pub async fn collect(&self, candidates: Vec<ChunkId>) -> Result<GcReport> {
+        let inner = &self.inner;
+        let _one_pass = inner.gc_running.lock().await;
+        let mut report = GcReport {
+            chunks_scanned: candidates.len() as u64,
+            ..GcReport::default()
+        };
+        for batch in candidates.chunks(PAGE) {
+            self.delete_unreferenced(batch.to_vec(), &mut report)
+                .await?;
+        }
+        inner.chunks.sync().await?;
+        let freed = inner
+            .freed_since_compaction
+            .fetch_add(report.bytes_freed, Ordering::Relaxed)
+            + report.bytes_freed;
+        if freed > 0 && freed >= inner.chunks.stored_bytes().await? / 4 {
+            report.bytes_reclaimed = inner.chunks.compact().await?;
+            inner.freed_since_compaction.store(0, Ordering::Relaxed);
+        }
+        Ok(report)
+    }
+
+    /// Deletes those of `candidates` that are unreferenced and unleased.
+    async fn delete_unreferenced(
+        &self,
+        candidates: Vec<ChunkId>,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let unreferenced =
+            |id: &ChunkId| -> Result<bool> { Ok(!inner.chunk_refs.contains_key(id.as_bytes())?) };
+        let mut maybe = Vec::new();
+        for id in candidates {
+            if unreferenced(&id)? {
+                maybe.push(id);
+            }
+        }
+        if maybe.is_empty() {
+            return Ok(());
+        }
+        // Decide and delete with no lease able to start: a chunk unleased and unreferenced
+        // now cannot gain a reference before it is gone, and an ingest that looks for it
+        // afterwards finds it missing and stores it again.
+        let _gate = inner.gc_gate.write().await;
+        let doomed = {
+            let held = inner.leases.lock();
+            let mut doomed = Vec::with_capacity(maybe.len());
+            for id in maybe {
+                if !held.contains_key(&id) && unreferenced(&id)? {
+                    doomed.push(id);
+                }
+            }
+            doomed
+        };
+        report.chunks_deleted += doomed.len() as u64;
+        report.bytes_freed += inner.chunks.delete_many(doomed).await?;
+        Ok(())
     }
 
     /// Reads and rehashes every chunk, decodes every manifest, checks that each manifest's

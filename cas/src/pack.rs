@@ -516,6 +516,23 @@ impl ChunkStore for PackStore {
         blocking(move || inner.sync()).await
     }
 
+    async fn stored_bytes(&self) -> Result<u64> {
+        // The pack files themselves: live and dead frames alike, which is what compaction
+        // measures its gain against.
+        let dir = self.inner.dir.clone();
+        blocking(move || {
+            let mut total = 0;
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                if pack_number(&entry.path()).is_some() {
+                    total += entry.metadata()?.len();
+                }
+            }
+            Ok(total)
+        })
+        .await
+    }
+
     async fn compact(&self) -> Result<u64> {
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.compact()).await

@@ -46,6 +46,22 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Makes every completed `put_many` and `delete_many` durable.
     fn sync(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// Bytes the store occupies (for deciding when compaction is worth it). The default sums
+    /// [`ChunkStore::list`]; stores that know it cheaply override this.
+    fn stored_bytes(&self) -> impl Future<Output = Result<u64>> + Send {
+        async {
+            let mut total = 0;
+            let mut after = None;
+            loop {
+                let page = self.list(after, 4096).await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id);
+                total += page.iter().map(|c| c.frame_len).sum::<u64>();
+            }
+            Ok(total)
+        }
+    }
+
     /// Reclaims the space of deleted frames where the store cannot do so on delete (pack
     /// files). Returns the bytes of disk space given back.
     fn compact(&self) -> impl Future<Output = Result<u64>> + Send {

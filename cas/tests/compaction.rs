@@ -47,3 +47,48 @@ async fn gc_compacts_packs_and_keeps_live_content() {
     assert_eq!(packs_bytes(&cas), 0, "nothing live, no pack left");
     assert_eq!(cas.stats().await.unwrap().chunks, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collect_frees_only_unreferenced_candidates_and_compacts_when_worth_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cas = Cas::open(dir.path(), small_chunks()).unwrap();
+    let shared = random_bytes(7, 200_000);
+    let mut with_tail = shared.clone();
+    with_tail.extend(random_bytes(8, 1_000_000));
+    let keep = cas
+        .commit(cas.ingest_bytes(shared.clone()).await.unwrap())
+        .await
+        .unwrap();
+    let gone = cas
+        .commit(cas.ingest_bytes(with_tail).await.unwrap())
+        .await
+        .unwrap();
+    let candidates: Vec<_> = cas
+        .manifest(gone)
+        .await
+        .unwrap()
+        .chunks()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let before = packs_bytes(&cas);
+    assert!(cas.release(gone).await.unwrap());
+    let report = cas.collect(candidates).await.unwrap();
+    // The tail's chunks go; the ones shared with `keep` stay; most of the pack was dead, so
+    // it was compacted.
+    assert!(
+        report.chunks_deleted > 0 && report.bytes_freed >= 900_000,
+        "{report:?}"
+    );
+    assert!(
+        report.bytes_reclaimed > 0 && packs_bytes(&cas) < before / 2,
+        "{report:?}"
+    );
+    assert_eq!(read_all(&cas, keep).await.unwrap(), shared);
+    assert!(cas.scrub().await.unwrap().is_clean());
+    assert_eq!(
+        cas.gc().await.unwrap().chunks_deleted,
+        0,
+        "nothing was left for a full GC"
+    );
+}

@@ -551,6 +551,20 @@ impl Engine {
         };
         let remaining: Vec<&ArtifactRecord> = all.iter().filter(|r| !doomed.contains(r)).collect();
         let newest_after = remaining.last().copied();
+        // The chunks that may lose their last reference: GC looks at these only.
+        let mut candidates = Vec::new();
+        for record in &doomed {
+            candidates.extend(
+                self.cas
+                    .manifest(record.manifest)
+                    .await?
+                    .chunks()
+                    .iter()
+                    .map(|c| c.id),
+            );
+        }
+        candidates.sort();
+        candidates.dedup();
         let now = now_secs();
         let trees = self.cas.trees();
         let events = (
@@ -608,16 +622,19 @@ impl Engine {
                     .replace(&self.cas, &key, newest.as_ref(), generation)
                     .await?;
                 // Under the catalog lock like every layout change: an upload adopting an
-                // object must not see it (or its directory) removed before it links it.
-                layout.remove_unused_objects()?;
+                // object must not see it removed before it links it. Only the deleted
+                // versions' objects can have become unused.
+                for record in &doomed {
+                    layout.remove_object_if_unused(record)?;
+                }
             }
             Ok(())
         };
         warn_stale(projected.await);
         drop(_write);
-        if let Err(e) = self.cas.gc().await {
+        if let Err(e) = self.cas.collect(candidates).await {
             tracing::warn!(
-                "garbage collection after the delete failed (the next one retries): {e}"
+                "freeing the deleted artifact's chunks failed; they stay until a full GC: {e}"
             );
         }
         Ok(doomed)
