@@ -111,6 +111,21 @@ pub struct GcReport {
     pub bytes_reclaimed: u64,
 }
 
+/// What a recompression pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecompressReport {
+    /// Chunks looked at.
+    pub chunks_examined: u64,
+    /// Chunks whose frame was replaced by a smaller one.
+    pub chunks_recompressed: u64,
+    /// Frame bytes of the replaced chunks before.
+    pub bytes_before: u64,
+    /// Frame bytes of the replaced chunks after.
+    pub bytes_after: u64,
+    /// Disk space compaction gave back afterwards.
+    pub bytes_reclaimed: u64,
+}
+
 /// A chunk that failed verification, with everything that needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadChunk {
@@ -656,6 +671,67 @@ impl<S: ChunkStore> Cas<S> {
         report.chunks_deleted += doomed.len() as u64;
         report.bytes_freed += inner.chunks.delete_many(doomed).await?;
         Ok(())
+    }
+
+    /// Re-encodes every zstd chunk stored at a lower level than `level` at `level`, keeping the
+    /// new frame only when it is smaller, then compacts. For cold data: ingest stays fast at
+    /// the configured level and a maintenance pass buys the space back later. Every new frame
+    /// is decoded and checked against the chunk id before it replaces the old one.
+    pub async fn recompress(&self, level: i32) -> Result<RecompressReport> {
+        let inner = &self.inner;
+        let _one_pass = inner.gc_running.lock().await;
+        let mut report = RecompressReport::default();
+        let mut after = None;
+        loop {
+            let page = inner.chunks.list(after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            let jobs = futures::stream::iter(page)
+                .map(|c| {
+                    let inner = Arc::clone(inner);
+                    async move {
+                        let Some(old) = inner.chunks.get(c.id).await? else {
+                            return Ok::<_, Error>(None);
+                        };
+                        inner
+                            .cpu
+                            .run(move || {
+                                let header = frame::FrameHeader::parse(&old)
+                                    .map_err(|reason| Error::CorruptChunk { id: c.id, reason })?;
+                                if header.codec != frame::Codec::Zstd
+                                    || i32::from(header.level) >= level
+                                {
+                                    return Ok(None);
+                                }
+                                let data = frame::decode(&c.id, &old)?;
+                                let new = frame::encode(&data, level);
+                                // Belt and braces: what replaces a good frame must decode to
+                                // the same chunk.
+                                frame::decode(&c.id, &new)?;
+                                Ok::<_, Error>((new.len() < old.len()).then_some((
+                                    c.id,
+                                    old.len() as u64,
+                                    new,
+                                )))
+                            })
+                            .await?
+                    }
+                })
+                .buffer_unordered(inner.config.concurrency);
+            let mut jobs = std::pin::pin!(jobs);
+            let mut batch = Vec::new();
+            while let Some(job) = jobs.next().await {
+                report.chunks_examined += 1;
+                if let Some((id, old_len, new)) = job? {
+                    report.bytes_before += old_len;
+                    report.bytes_after += new.len() as u64;
+                    batch.push((id, new));
+                }
+            }
+            report.chunks_recompressed += inner.chunks.replace_many(batch).await?;
+        }
+        report.bytes_reclaimed = inner.chunks.compact().await?;
+        Ok(report)
     }
 
     /// Reads and rehashes every chunk, decodes every manifest, checks that each manifest's

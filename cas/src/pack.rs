@@ -343,6 +343,51 @@ impl PackInner {
         Ok(None)
     }
 
+    /// Appends new frames for stored chunks, makes them durable, then switches each index
+    /// entry from the old location to the new one (compare-and-swap: a chunk deleted or moved
+    /// meanwhile keeps what it has). The old frames become dead space for compaction.
+    fn replace_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<u64> {
+        let _one_at_a_time = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
+        // Index everything pending first, so every old location is in sled.
+        self.sync()?;
+        let mut moved = Vec::with_capacity(frames.len());
+        for (id, frame) in frames {
+            let Some(old) = self.index.get(id.as_bytes())?.and_then(|v| Loc::decode(&v)) else {
+                continue;
+            };
+            let new = {
+                let mut state = self.lock();
+                self.append(&mut state, &id, &frame)?
+            };
+            moved.push((id, old, new));
+        }
+        let files: Vec<Arc<File>> = self
+            .lock()
+            .writer
+            .iter()
+            .map(|w| Arc::clone(&w.file))
+            .collect();
+        for f in files {
+            f.sync_data()?;
+        }
+        let mut replaced = 0;
+        for (id, old, new) in moved {
+            if self
+                .index
+                .compare_and_swap(
+                    id.as_bytes(),
+                    Some(&old.encode()[..]),
+                    Some(&new.encode()[..]),
+                )?
+                .is_ok()
+            {
+                replaced += 1;
+            }
+        }
+        self.db.flush()?;
+        Ok(replaced)
+    }
+
     fn compact(&self) -> Result<u64> {
         let _one_at_a_time = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
         // Close the current pack; packs numbered from `limit` on are written after this point
@@ -536,5 +581,10 @@ impl ChunkStore for PackStore {
     async fn compact(&self) -> Result<u64> {
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.compact()).await
+    }
+
+    async fn replace_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<u64> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.replace_many(frames)).await
     }
 }

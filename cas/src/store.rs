@@ -62,6 +62,17 @@ pub trait ChunkStore: Send + Sync + 'static {
         }
     }
 
+    /// Replaces stored frames with other encodings of the same chunks (a recompression), each
+    /// only if the chunk is still stored. The caller guarantees every new frame decodes to its
+    /// chunk. Returns how many were replaced; the default (a store that cannot) replaces none.
+    fn replace_many(
+        &self,
+        frames: Vec<(ChunkId, Bytes)>,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        let _ = frames;
+        async { Ok(0) }
+    }
+
     /// Reclaims the space of deleted frames where the store cannot do so on delete (pack
     /// files). Returns the bytes of disk space given back.
     fn compact(&self) -> impl Future<Output = Result<u64>> + Send {

@@ -92,3 +92,44 @@ async fn collect_frees_only_unreferenced_candidates_and_compacts_when_worth_it()
         "nothing was left for a full GC"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recompression_shrinks_cold_data_and_changes_no_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = sloth_cas::CasConfig {
+        zstd_level: 1,
+        ..small_chunks()
+    };
+    let text = common::text_bytes(31, 3_000_000);
+    let random = random_bytes(32, 500_000);
+    let (a, b) = {
+        let cas = Cas::open(dir.path(), fast.clone()).unwrap();
+        let a = cas
+            .commit(cas.ingest_bytes(text.clone()).await.unwrap())
+            .await
+            .unwrap();
+        let b = cas
+            .commit(cas.ingest_bytes(random.clone()).await.unwrap())
+            .await
+            .unwrap();
+        (a, b)
+    };
+    let cas = Cas::open(dir.path(), fast).unwrap();
+    let before = packs_bytes(&cas);
+    let report = cas.recompress(12).await.unwrap();
+    let after = packs_bytes(&cas);
+    eprintln!("{report:?}: packs {before} -> {after}");
+    assert!(
+        report.chunks_recompressed > 0 && report.bytes_after < report.bytes_before,
+        "{report:?}"
+    );
+    assert!(after < before, "packs {before} -> {after}");
+    assert_eq!(read_all(&cas, a).await.unwrap(), text);
+    assert_eq!(read_all(&cas, b).await.unwrap(), random);
+    assert!(cas.scrub().await.unwrap().is_clean());
+    // A second pass finds nothing left below the level.
+    assert_eq!(cas.recompress(12).await.unwrap().chunks_recompressed, 0);
+    drop(cas);
+    let cas = Cas::open(dir.path(), small_chunks()).unwrap();
+    assert_eq!(read_all(&cas, a).await.unwrap(), text);
+}

@@ -4,7 +4,11 @@
 //!
 //! ```text
 //! cargo run --release -p sloth-benches --bin efficiency -- SERIES_DIR [--avg 65536,131072,...]
-//!     [--level 3] [--work DIR]
+//!     [--level 3] [--recompress LEVEL] [--work DIR]
+//! ```
+//! `--recompress LEVEL` adds a column: the store after a `Cas::recompress(LEVEL)` pass over all
+//! three versions (cold data recompressed at a higher level).
+//! ```text
 //! ```
 
 use std::path::PathBuf;
@@ -20,6 +24,7 @@ async fn main() -> Result<()> {
     let mut series: Option<PathBuf> = None;
     let mut avgs = vec![64 << 10, 128 << 10, 256 << 10, 512 << 10];
     let mut level = 3;
+    let mut recompress: Option<i32> = None;
     let mut work = std::env::temp_dir().join("sloth-efficiency");
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -31,6 +36,7 @@ async fn main() -> Result<()> {
                     .collect::<Result<_, _>>()?
             }
             "--level" => level = value()?.parse()?,
+            "--recompress" => recompress = Some(value()?.parse()?),
             "--work" => work = value()?.into(),
             "--bench" => {}
             other if series.is_none() && !other.starts_with('-') => series = Some(other.into()),
@@ -84,6 +90,20 @@ async fn main() -> Result<()> {
             sizes.push(du_sb(&store)?);
         }
         let took = start.elapsed();
+        if let Some(level) = recompress {
+            let cas = Cas::open(&store, config.clone())?;
+            let t = Instant::now();
+            let report = cas.recompress(level).await?;
+            drop(cas);
+            let size = du_sb(&store)?;
+            println!(
+                "         recompress at {level}: {} of {} chunks, {:.1} s -> store {size} B ({:.4} of input)",
+                report.chunks_recompressed,
+                report.chunks_examined,
+                t.elapsed().as_secs_f64(),
+                size as f64 / input as f64
+            );
+        }
         println!(
             "{:>7}K {:>14} {:>14} {:>14} {:>9.4} {:>10.1}",
             avg / 1024,
