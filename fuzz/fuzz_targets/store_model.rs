@@ -81,6 +81,9 @@ enum Op {
     Gc,
     /// Drop the store (and every staged content) and open the directory again.
     Reopen,
+    /// Recompress every chunk at a higher level: content, chunk set and counts stay as they
+    /// are (the check after every op reads everything back).
+    Recompress,
 }
 
 /// Committed content, with its expected chunks and the number of holds on it.
@@ -413,6 +416,16 @@ async fn run(path: &Path, ops: &[Op]) {
             Op::ReleaseGone { index } => release_gone(&cas, &model, *index).await,
             Op::Get { index } => get(&cas, &model, *index).await,
             Op::Gc => gc(&cas, &mut model).await,
+            Op::Recompress => {
+                let before = cas.stats().await.expect("stats").chunks;
+                cas.recompress(9).await.expect("recompress");
+                assert_eq!(
+                    cas.stats().await.expect("stats").chunks,
+                    before,
+                    "recompress changed the chunk set"
+                );
+                assert!(cas.scrub().await.expect("scrub").is_clean());
+            }
             Op::Reopen => {
                 // Leases live in memory: staged content does not survive its store.
                 model.pending.clear();
