@@ -40,6 +40,8 @@ const PACK_HEADER_LEN: u64 = 8;
 const RECORD_HEADER_LEN: u64 = 32 + 4;
 /// A pack is closed and a new one started past this size.
 const DEFAULT_PACK_TARGET: u64 = 256 << 20;
+/// Compaction copies live frames in batches of this many bytes.
+const COMPACT_BATCH_BYTES: usize = 16 << 20;
 /// Compaction rewrites a closed pack when less than this share of it is live.
 const COMPACT_LIVE_RATIO: f64 = 0.5;
 
@@ -350,42 +352,55 @@ impl PackInner {
         let _one_at_a_time = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
         // Index everything pending first, so every old location is in sled.
         self.sync()?;
-        let mut moved = Vec::with_capacity(frames.len());
+        let mut moves = Vec::with_capacity(frames.len());
         for (id, frame) in frames {
-            let Some(old) = self.index.get(id.as_bytes())?.and_then(|v| Loc::decode(&v)) else {
-                continue;
-            };
+            if let Some(old) = self.index.get(id.as_bytes())?.and_then(|v| Loc::decode(&v)) {
+                moves.push((id, old, frame));
+            }
+        }
+        self.append_and_switch(moves)
+    }
+
+    /// Appends frames as new records, makes them durable, then points each index entry at its
+    /// new record where it still points at the old one: a delete (or another move) in the
+    /// meantime wins, and the copy is left dead. Returns how many entries were switched.
+    fn append_and_switch(&self, moves: Vec<(ChunkId, Loc, Bytes)>) -> Result<u64> {
+        let mut moved = Vec::with_capacity(moves.len());
+        for (id, old, frame) in moves {
             let new = {
                 let mut state = self.lock();
                 self.append(&mut state, &id, &frame)?
             };
             moved.push((id, old, new));
         }
-        let files: Vec<Arc<File>> = self
-            .lock()
-            .writer
-            .iter()
-            .map(|w| Arc::clone(&w.file))
-            .collect();
-        for f in files {
-            f.sync_data()?;
-        }
-        let mut replaced = 0;
+        // The copies must be durable before the index points at them.
+        self.sync_written()?;
+        let mut switched = 0;
         for (id, old, new) in moved {
-            if self
-                .index
-                .compare_and_swap(
-                    id.as_bytes(),
-                    Some(&old.encode()[..]),
-                    Some(&new.encode()[..]),
-                )?
-                .is_ok()
-            {
-                replaced += 1;
-            }
+            let swapped = self.index.compare_and_swap(
+                id.as_bytes(),
+                Some(&old.encode()[..]),
+                Some(&new.encode()[..]),
+            )?;
+            switched += u64::from(swapped.is_ok());
         }
         self.db.flush()?;
-        Ok(replaced)
+        Ok(switched)
+    }
+
+    /// fsyncs every pack written since the last sync (the current one and any the writer
+    /// rotated away from), without indexing pending frames.
+    fn sync_written(&self) -> Result<()> {
+        let files: Vec<Arc<File>> = {
+            let mut state = self.lock();
+            let mut files: Vec<Arc<File>> = state.unsynced.drain(..).collect();
+            files.extend(state.writer.iter().map(|w| Arc::clone(&w.file)));
+            files
+        };
+        for file in files {
+            file.sync_data()?;
+        }
+        Ok(())
     }
 
     fn compact(&self) -> Result<u64> {
@@ -429,34 +444,19 @@ impl PackInner {
             if (live_bytes as f64) >= COMPACT_LIVE_RATIO * size as f64 {
                 continue;
             }
-            let mut moved = Vec::with_capacity(entries.len());
+            // In batches of about 16 MiB, so a large pack is never held in memory whole.
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
             for (id, old) in entries {
                 let frame = self.read_frame(id, old)?;
-                let new = {
-                    let mut state = self.lock();
-                    self.append(&mut state, &id, &frame)?
-                };
-                moved.push((id, old, new));
+                batch_bytes += frame.len();
+                batch.push((id, old, frame));
+                if batch_bytes >= COMPACT_BATCH_BYTES {
+                    self.append_and_switch(std::mem::take(&mut batch))?;
+                    batch_bytes = 0;
+                }
             }
-            // The copies must be durable before the index points at them.
-            let files: Vec<Arc<File>> = self
-                .lock()
-                .writer
-                .iter()
-                .map(|w| Arc::clone(&w.file))
-                .collect();
-            for f in files {
-                f.sync_data()?;
-            }
-            for (id, old, new) in moved {
-                // A delete (or another move) in the meantime wins: the copy is left dead.
-                let _ = self.index.compare_and_swap(
-                    id.as_bytes(),
-                    Some(&old.encode()[..]),
-                    Some(&new.encode()[..]),
-                )?;
-            }
-            self.db.flush()?;
+            self.append_and_switch(batch)?;
             self.remove_pack(pack)?;
             freed += size.saturating_sub(live_bytes);
         }
