@@ -7,6 +7,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sloth_cas::{Cas, CasConfig, release_tx, retain_tx, tx_error};
 
+use crate::error::at;
 use crate::layout::Layout;
 use crate::record::{Event, now_secs};
 use crate::sqlite::SqliteProjection;
@@ -198,13 +199,13 @@ impl Engine {
         copy: Option<&(PathBuf, std::fs::File)>,
     ) -> Result<ArtifactRecord> {
         let staged = match copy {
-            Some((_, file)) => {
+            Some((path, file)) => {
                 let tee = Tee {
                     inner: reader,
-                    copy: file.try_clone()?,
+                    copy: file.try_clone().map_err(at(path))?,
                 };
                 let staged = self.cas.ingest_reader(tee).await?;
-                file.sync_data()?;
+                file.sync_data().map_err(at(path))?;
                 staged
             }
             None => self.cas.ingest_reader(reader).await?,
@@ -634,7 +635,8 @@ impl Engine {
         drop(_write);
         if let Err(e) = self.cas.collect(candidates).await {
             tracing::warn!(
-                "freeing the deleted artifact's chunks failed; they stay until a full GC: {e}"
+                "freeing the deleted artifact's chunks failed; they stay until a full GC: {}",
+                chain(&e)
             );
         }
         Ok(doomed)
@@ -778,9 +780,26 @@ pub fn open_upload(path: &Path) -> Result<std::fs::File> {
 fn warn_stale(result: Result<()>) {
     if let Err(e) = result {
         tracing::warn!(
-            "a projection (metadata.db or artifacts/) is stale and will be rebuilt on the next open: {e}"
+            "a projection (metadata.db or artifacts/) is stale and will be rebuilt on the next open: {}",
+            chain(&e)
         );
     }
+}
+
+/// An error and its causes, `: `-separated, for a log line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their cause in their own message.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Copies everything read through it into a file.

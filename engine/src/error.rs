@@ -103,6 +103,16 @@ pub enum Error {
     #[error("catalog database error: {0}")]
     Database(#[from] sled::Error),
 
+    /// A file operation on one of the store's own files failed.
+    #[error("{}", .path.display())]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Another I/O error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -120,6 +130,12 @@ fn scope_suffix(stack: &Option<String>, task: &Option<String>, version: &Option<
         out.push_str(&format!(" for task '{t}'"));
     }
     out
+}
+
+/// Names the file an I/O error happened on: `.map_err(at(&path))`.
+pub(crate) fn at(path: impl AsRef<std::path::Path>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.as_ref().to_path_buf();
+    move |source| Error::File { path, source }
 }
 
 /// `Result` with this crate's [`Error`].

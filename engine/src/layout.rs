@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sloth_cas::Cas;
 
+use crate::error::at;
 use crate::{ArtifactKey, ArtifactRecord, Error, Result};
 
 #[derive(Debug)]
@@ -45,10 +46,10 @@ impl Layout {
     }
 
     pub(crate) fn set_generation(&self, generation: u64) -> Result<()> {
-        std::fs::create_dir_all(&self.objects)?;
+        std::fs::create_dir_all(&self.objects).map_err(at(&self.objects))?;
         let tmp = self.objects.join(".generation.tmp");
-        std::fs::write(&tmp, generation.to_string())?;
-        std::fs::rename(tmp, self.marker())?;
+        std::fs::write(&tmp, generation.to_string()).map_err(at(&tmp))?;
+        std::fs::rename(&tmp, self.marker()).map_err(at(&tmp))?;
         Ok(())
     }
 
@@ -56,13 +57,13 @@ impl Layout {
     /// the object does not have to be read back out of the store afterwards.
     pub(crate) fn staging_file(&self) -> Result<(PathBuf, File)> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(&self.objects)?;
+        std::fs::create_dir_all(&self.objects).map_err(at(&self.objects))?;
         let path = self.objects.join(format!(
             ".incoming-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let file = File::create(&path)?;
+        let file = File::create(&path).map_err(at(&path))?;
         Ok((path, file))
     }
 
@@ -70,12 +71,14 @@ impl Layout {
     pub(crate) fn adopt(&self, staged: &Path, record: &ArtifactRecord) -> Result<()> {
         let path = self.object_path(record);
         if path.exists() {
-            std::fs::remove_file(staged)?;
+            std::fs::remove_file(staged).map_err(at(staged))?;
             return Ok(());
         }
-        std::fs::create_dir_all(path.parent().expect("objects/<aa>"))?;
-        std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o444))?;
-        std::fs::rename(staged, &path)?;
+        let dir = path.parent().expect("objects/<aa>");
+        std::fs::create_dir_all(dir).map_err(at(dir))?;
+        std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o444))
+            .map_err(at(&staged))?;
+        std::fs::rename(staged, &path).map_err(at(staged))?;
         Ok(())
     }
 
@@ -92,9 +95,9 @@ impl Layout {
         }
         let dir = path.parent().expect("objects/<aa>").to_path_buf();
         let hex = record.manifest.to_hex();
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir).map_err(at(&dir))?;
         let tmp = dir.join(format!(".{hex}.tmp-{}", std::process::id()));
-        let file = std::fs::File::create(&tmp)?;
+        let file = std::fs::File::create(&tmp).map_err(at(&tmp))?;
         let file = match cas.read_to_writer(record.manifest, file).await {
             Ok((_, file)) => file,
             Err(e) => {
@@ -106,11 +109,11 @@ impl Layout {
                 });
             }
         };
-        file.sync_all()?;
+        file.sync_all().map_err(at(&tmp))?;
         drop(file);
         // Read-only: every link shares this inode, so a write through one would change all.
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))?;
-        std::fs::rename(&tmp, &path)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(at(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(at(&tmp))?;
         Ok(path)
     }
 
@@ -131,13 +134,13 @@ impl Layout {
             Some(record) => {
                 let object = self.object(cas, record).await?;
                 let dir = path.parent().expect("has a parent");
-                std::fs::create_dir_all(dir)?;
+                std::fs::create_dir_all(dir).map_err(at(&dir))?;
                 // A short temporary name: `.{name}…` would pass the file-name limit for long
                 // names. Unique per process, and layout changes run under the catalog lock.
                 let tmp = dir.join(format!(".sloth-link-{}", std::process::id()));
                 let _ = std::fs::remove_file(&tmp);
-                std::fs::hard_link(&object, &tmp)?;
-                std::fs::rename(&tmp, &path)?;
+                std::fs::hard_link(&object, &tmp).map_err(at(&tmp))?;
+                std::fs::rename(&tmp, &path).map_err(at(&tmp))?;
                 // rename() between two links of one inode (same content as before) does
                 // nothing at all, leaving the temporary name behind.
                 match std::fs::remove_file(&tmp) {
@@ -168,7 +171,7 @@ impl Layout {
     pub(crate) fn remove_object_if_unused(&self, record: &ArtifactRecord) -> Result<()> {
         let path = self.object_path(record);
         match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.nlink() == 1 => std::fs::remove_file(&path)?,
+            Ok(meta) if meta.nlink() == 1 => std::fs::remove_file(&path).map_err(at(&path))?,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
@@ -186,7 +189,7 @@ impl Layout {
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(".incoming-"))
                 {
-                    std::fs::remove_file(&path)?;
+                    std::fs::remove_file(&path).map_err(at(&path))?;
                 }
             }
         }
@@ -206,7 +209,7 @@ impl Layout {
             for entry in std::fs::read_dir(&dir)? {
                 let path = entry?.path();
                 if std::fs::symlink_metadata(&path)?.nlink() == 1 {
-                    std::fs::remove_file(&path)?;
+                    std::fs::remove_file(&path).map_err(at(&path))?;
                 }
             }
             let _ = std::fs::remove_dir(&dir);
@@ -219,9 +222,9 @@ impl Layout {
     pub(crate) fn remove_if_present(&self) -> Result<()> {
         if self.marker().exists() {
             if self.root.exists() {
-                std::fs::remove_dir_all(&self.root)?;
+                std::fs::remove_dir_all(&self.root).map_err(at(&self.root))?;
             }
-            std::fs::remove_dir_all(&self.objects)?;
+            std::fs::remove_dir_all(&self.objects).map_err(at(&self.objects))?;
         }
         Ok(())
     }
@@ -234,9 +237,9 @@ impl Layout {
         generation: u64,
     ) -> Result<()> {
         if self.root.exists() {
-            std::fs::remove_dir_all(&self.root)?;
+            std::fs::remove_dir_all(&self.root).map_err(at(&self.root))?;
         }
-        std::fs::create_dir_all(&self.root)?;
+        std::fs::create_dir_all(&self.root).map_err(at(&self.root))?;
         for record in newest {
             self.replace(cas, &record.key()?, Some(record), generation)
                 .await?;
