@@ -28,7 +28,17 @@ async fn main() -> ExitCode {
         .with_target(false)
         .init();
     let cli = Cli::parse();
-    match run(cli).await {
+    // Ctrl-C drops the command's future, so what it holds is cleaned up on the way out (a
+    // download's temporary file is deleted; an upload's uncommitted chunks are left for GC and
+    // its staging copy for the next open to sweep) instead of the process dying mid-write.
+    let result = tokio::select! {
+        result = run(cli) => result,
+        _ = tokio::signal::ctrl_c() => {
+            let _ = writeln!(std::io::stderr(), "error: interrupted");
+            return ExitCode::from(130);
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // `sloth-runner ... | head` closing the pipe early is not a failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,

@@ -160,3 +160,58 @@ fn processes_share_the_local_store() {
             .sum::<u64>()
     );
 }
+
+/// Ctrl-C in the middle of a download leaves no file (not even a temporary one), does not
+/// count a download, and exits 130.
+#[test]
+fn an_interrupted_download_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let big = dir.path().join("big.bin");
+    // 256 MiB of incompressible bytes: long enough to interrupt mid-way.
+    let mut bytes = vec![0u8; 256 << 20];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for b in bytes.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *b = state as u8;
+    }
+    std::fs::write(&big, &bytes).unwrap();
+    drop(bytes);
+    let up = runner(&data)
+        .args(["agent", "artifacts", "upload", "local"])
+        .arg(&big)
+        .output()
+        .unwrap();
+    assert!(up.status.success());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let mut child = runner(&data)
+        .args(["agent", "artifacts", "download", "local", "big.bin", "-o"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    if status.success() {
+        // The machine was fast enough to finish first: nothing to check about interruption.
+        return;
+    }
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "no file, not even a temporary one"
+    );
+    let show = runner(&data)
+        .args(["agent", "artifacts", "show", "local", "big.bin"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&show.stdout).contains("Downloads:  0"));
+}
