@@ -191,10 +191,8 @@ pub(crate) async fn download(
     args: DownloadArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    agent::check(&args.agent, data_dir)?;
-    let selector = selector(&args.name, &args.scope)?;
-    let engine = agent::open(&args.agent, data_dir).await?;
-    let record = engine.resolve(&selector)?;
+    let (engine, _, record) =
+        open_and_resolve(data_dir, &args.agent, &args.name, &args.scope).await?;
     let target = match args.output {
         None => PathBuf::from(&record.name),
         Some(path) => prepare_target(path)?,
@@ -251,10 +249,8 @@ pub(crate) async fn show(
     args: ShowArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    agent::check(&args.agent, data_dir)?;
-    let selector = selector(&args.name, &args.scope)?;
-    let engine = agent::open(&args.agent, data_dir).await?;
-    let record = engine.resolve(&selector)?;
+    let (engine, selector, record) =
+        open_and_resolve(data_dir, &args.agent, &args.name, &args.scope).await?;
     // The layout holds only the newest version of each artifact.
     let newest = match selector.version {
         None => record.version,
@@ -308,11 +304,8 @@ pub(crate) async fn delete(
     out: &mut dyn Write,
     input: &mut dyn BufRead,
 ) -> anyhow::Result<()> {
-    agent::check(&args.agent, data_dir)?;
-    let selector = selector(&args.name, &args.scope)?;
-    let engine = agent::open(&args.agent, data_dir).await?;
-    // Resolve first: an unknown or ambiguous name fails before anyone is asked anything.
-    let record = engine.resolve(&selector)?;
+    let (engine, selector, record) =
+        open_and_resolve(data_dir, &args.agent, &args.name, &args.scope).await?;
     let what = match selector.version {
         Some(v) => format!("artifact '{}' version {v}", record.name),
         None => {
@@ -358,6 +351,23 @@ pub(crate) async fn delete(
 }
 
 /// Validates a name and its scope up front, so bad input gets the naming rule's message.
+/// What download, show and delete start with, in this order: the agent must exist, the name
+/// and scope must be valid, then the store is opened and the artifact resolved. An unknown
+/// agent, a bad name or an unknown or ambiguous artifact fails before anything else happens
+/// (delete asks its question only after this).
+async fn open_and_resolve(
+    data_dir: &Path,
+    agent_name: &str,
+    name: &str,
+    scope: &Scope,
+) -> anyhow::Result<(Engine, Selector, ArtifactRecord)> {
+    agent::check(agent_name, data_dir)?;
+    let selector = selector(name, scope)?;
+    let engine = agent::open(agent_name, data_dir).await?;
+    let record = engine.resolve(&selector)?;
+    Ok((engine, selector, record))
+}
+
 fn selector(name: &str, scope: &Scope) -> anyhow::Result<Selector> {
     Name::parse("artifact name", name)?;
     if let Some(stack) = &scope.stack {

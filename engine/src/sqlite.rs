@@ -206,13 +206,7 @@ impl SqliteProjection {
         event: &Event,
         generation: u64,
     ) -> Result<()> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        self.put_record(&tx, record)?;
-        Self::put_event(&tx, event)?;
-        Self::set_generation(&tx, generation)?;
-        tx.commit()?;
-        Ok(())
+        self.change(event, generation, |tx| self.put_record(tx, record))
     }
 
     /// A deleted version, with its delete event.
@@ -222,12 +216,26 @@ impl SqliteProjection {
         event: &Event,
         generation: u64,
     ) -> Result<()> {
+        self.change(event, generation, |tx| {
+            tx.execute(
+                "DELETE FROM artifacts WHERE id = ?1",
+                params![record.id.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// One catalog change in one SQLite transaction: `apply` it, record its event, and
+    /// advance the generation this file reflects.
+    fn change(
+        &self,
+        event: &Event,
+        generation: u64,
+        apply: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<()>,
+    ) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        tx.execute(
-            "DELETE FROM artifacts WHERE id = ?1",
-            params![record.id.to_string()],
-        )?;
+        apply(&tx)?;
         Self::put_event(&tx, event)?;
         Self::set_generation(&tx, generation)?;
         tx.commit()?;
