@@ -87,6 +87,14 @@ pub struct Staged {
 }
 
 impl Staged {
+    pub(crate) fn new(manifest: Manifest, stats: IngestStats, leases: Vec<Lease>) -> Self {
+        Self {
+            manifest,
+            stats,
+            _leases: leases,
+        }
+    }
+
     /// The manifest that commit will store.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
@@ -187,7 +195,7 @@ impl Leases {
 
 /// One leased chunk; released on drop.
 #[derive(Debug)]
-struct Lease {
+pub(crate) struct Lease {
     leases: Arc<Leases>,
     id: ChunkId,
 }
@@ -226,6 +234,19 @@ struct Inner<S> {
     location: String,
     /// Keeps a temporary store's directory alive as long as the store.
     _temp: Option<tempfile::TempDir>,
+}
+
+impl<S> Inner<S> {
+    /// Leases `id` so that GC leaves it alone (see the crate docs); taken before asking the
+    /// store whether the chunk exists.
+    async fn lease(&self, id: ChunkId) -> Lease {
+        let _gate = self.gc_gate.read().await;
+        *self.leases.lock().entry(id).or_insert(0) += 1;
+        Lease {
+            leases: Arc::clone(&self.leases),
+            id,
+        }
+    }
 }
 
 /// A content-addressed store of chunks and manifests. Cheap to clone; clones share the store.
@@ -346,6 +367,11 @@ impl<S: ChunkStore> Cas<S> {
     /// The chunker parameters this store uses.
     pub fn params(&self) -> ChunkerParams {
         self.inner.params
+    }
+
+    /// The zstd level new chunks are compressed with.
+    pub fn zstd_level(&self) -> i32 {
+        self.inner.config.zstd_level
     }
 
     /// The sled database holding the store's metadata, so that callers can keep their own
@@ -549,9 +575,19 @@ impl<S: ChunkStore> Cas<S> {
     pub async fn read_to_writer<W: std::io::Write + Send + 'static>(
         &self,
         id: ManifestId,
-        mut out: W,
+        out: W,
     ) -> Result<(u64, W)> {
         let manifest = self.manifest(id).await?;
+        self.write_verified(&manifest, out).await
+    }
+
+    /// Writes the content `manifest` describes to `out` on a blocking thread, verifying each
+    /// chunk and then the whole content against the manifest's length and digests.
+    pub(crate) async fn write_verified<W: std::io::Write + Send + 'static>(
+        &self,
+        manifest: &Manifest,
+        mut out: W,
+    ) -> Result<(u64, W)> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.inner.config.concurrency);
         let writer = tokio::task::spawn_blocking(move || {
             let mut hasher = ContentHasher::default();
@@ -562,7 +598,7 @@ impl<S: ChunkStore> Cas<S> {
             out.flush().map_err(Error::Output)?;
             Ok::<_, Error>((hasher, out))
         });
-        let mut chunks = std::pin::pin!(self.read_chunks(&manifest));
+        let mut chunks = std::pin::pin!(self.read_chunks(manifest));
         let mut failed = None;
         while let Some(chunk) = chunks.next().await {
             match chunk {
@@ -583,7 +619,7 @@ impl<S: ChunkStore> Cas<S> {
             return Err(e);
         }
         let (hasher, out) = written?;
-        Ok((verify_whole(id, &manifest, hasher)?, out))
+        Ok((verify_whole(manifest.id(), manifest, hasher)?, out))
     }
 
     /// Deletes every chunk that no manifest references and no ingest in flight has leased,
@@ -866,6 +902,25 @@ impl<S: ChunkStore> Cas<S> {
     pub fn location(&self) -> &str {
         &self.inner.location
     }
+
+    pub(crate) async fn lease(&self, id: ChunkId) -> Lease {
+        self.inner.lease(id).await
+    }
+
+    pub(crate) fn concurrency(&self) -> usize {
+        self.inner.config.concurrency
+    }
+
+    pub(crate) fn store(&self) -> &S {
+        &self.inner.chunks
+    }
+
+    pub(crate) async fn on_cpu<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T> {
+        self.inner.cpu.run(f).await
+    }
 }
 
 /// Checks what was read against the manifest's length and whole-content digests.
@@ -897,14 +952,7 @@ async fn store_chunk<S: ChunkStore>(
         .cpu
         .run(move || (ChunkId::digest(&chunk), chunk))
         .await?;
-    let lease = {
-        let _gate = inner.gc_gate.read().await;
-        *inner.leases.lock().entry(id).or_insert(0) += 1;
-        Lease {
-            leases: Arc::clone(&inner.leases),
-            id,
-        }
-    };
+    let lease = inner.lease(id).await;
     let chunk_ref = ChunkRef {
         id,
         len: chunk.len() as u32,

@@ -72,6 +72,11 @@ pub enum Error {
         algorithm: &'static str,
     },
 
+    /// Content sent from elsewhere broke the receiving protocol (a chunk not asked for, a
+    /// length out of range, a chunk that never arrived).
+    #[error("rejected upload: {0}")]
+    Rejected(String),
+
     /// The input stream failed.
     #[error("reading the input failed: {0}")]
     Input(#[source] std::io::Error),

@@ -79,6 +79,7 @@ mod id;
 mod manifest;
 mod pack;
 mod pool;
+mod receive;
 mod store;
 
 pub use cas::{
@@ -90,4 +91,5 @@ pub use error::{Error, Result};
 pub use id::{ChunkId, ManifestId, ParseIdError};
 pub use manifest::{ChunkRef, ContentDigests, ContentHasher, Manifest};
 pub use pack::PackStore;
+pub use receive::{MAX_RECEIVED_CHUNKS, Receiver};
 pub use store::{ChunkStore, MemoryChunkStore, StoredChunk};

@@ -1,47 +1,113 @@
-//! Which store an agent name means, where the data directory is, and who is asking.
+//! Which store an agent name means (the embedded one or an agent on the network), where the
+//! data directory is, and who is asking.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
-use sloth_engine::{Engine, EngineConfig, StoreConfigFile};
+use anyhow::{Context as _, bail};
+use std::collections::HashMap;
+
+use sloth_agent::client::{Link, Listed, Progress, Remote, Shown};
+use sloth_agent::tls::ClientTls;
+use sloth_engine::{
+    ArtifactKey, ArtifactRecord, Engine, EngineConfig, Event, ListQuery, Name, Selector,
+    StoreConfigFile,
+};
+
+use crate::args::NetArgs;
 
 /// How long a command waits for another `sloth-runner` process to release the store.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// The one agent that exists today: the embedded store in the data directory.
+/// The embedded store in the data directory.
 pub(crate) const LOCAL: &str = "local";
 
-/// Opens the store of `agent`. Only `local` exists until network agents are implemented; any
-/// other name fails here, before anything is read or written.
-pub(crate) async fn open(agent: &str, data_dir: &Path) -> anyhow::Result<Engine> {
-    check(agent, data_dir)?;
+/// Where commands find agents: the local data directory and the network settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) net: NetArgs,
+}
+
+impl Context {
+    /// The link to a server at `addr` with the command line's TLS settings and token.
+    pub(crate) fn link(&self, addr: &str) -> Link {
+        Link {
+            addr: addr.to_owned(),
+            tls: ClientTls {
+                ca: self.net.ca.clone(),
+                identity: self
+                    .net
+                    .client_cert
+                    .clone()
+                    .zip(self.net.client_key.clone()),
+            },
+            token: self.net.token.clone(),
+            user: Some(principal()),
+        }
+    }
+
+    /// The master's link, or an error saying how to give one.
+    pub(crate) fn master(&self, why: &str) -> anyhow::Result<Link> {
+        match &self.net.master {
+            Some(addr) => Ok(self.link(addr)),
+            None => bail!(
+                "{why}: no master given; pass --master HOST:PORT or set SLOTH_RUNNER_MASTER_ADDR \
+                 (or name the agent by host:port, or use '{LOCAL}' for the embedded store in {})",
+                self.data_dir.display()
+            ),
+        }
+    }
+}
+
+/// The store an agent name means: the embedded one (`local`) or an agent on the network.
+#[derive(Debug)]
+pub(crate) enum Store {
+    Local(Engine),
+    Remote(Remote),
+}
+
+/// Connects to `agent`: `local` opens the embedded store; `host:port` is dialed directly;
+/// any other name is looked up with the master.
+pub(crate) async fn open(agent: &str, ctx: &Context) -> anyhow::Result<Store> {
+    if agent == LOCAL {
+        return Ok(Store::Local(open_local(&ctx.data_dir, None, LOCAL).await?));
+    }
+    if agent.contains(':') {
+        return Ok(Store::Remote(
+            Remote::connect(agent, &ctx.link(agent)).await?,
+        ));
+    }
+    Name::parse("agent name", agent)?;
+    let master = ctx.master(&format!("cannot find agent '{agent}'"))?;
+    Ok(Store::Remote(Remote::find(agent, &master).await?))
+}
+
+/// Opens the embedded store in `data_dir`, with its settings from `config` (default:
+/// `config.toml` in the data directory); `agent` is the name its events record.
+pub(crate) async fn open_local(
+    data_dir: &Path,
+    config: Option<&Path>,
+    agent: &str,
+) -> anyhow::Result<Engine> {
     if data_dir.exists() && !data_dir.is_dir() {
         bail!(
             "data directory '{}' is not usable: it is not a directory",
             data_dir.display()
         );
     }
-    let mut config = StoreConfigFile::load(data_dir)?.apply(EngineConfig {
-        agent: LOCAL.into(),
+    let file = match config {
+        Some(path) => StoreConfigFile::load_from(path)?,
+        None => StoreConfigFile::load(data_dir)?,
+    };
+    let mut config = file.apply(EngineConfig {
+        agent: agent.into(),
         ..EngineConfig::default()
     })?;
     // The embedded store serves one process at a time (sled's lock): commands started
     // together on `local` take turns instead of failing, up to this long.
     config.cas.lock_wait = LOCK_WAIT;
     Ok(Engine::open(data_dir, config).await?)
-}
-
-/// Fails unless `agent` names a store this build can reach.
-pub(crate) fn check(agent: &str, data_dir: &Path) -> anyhow::Result<()> {
-    if agent != LOCAL {
-        bail!(
-            "agent '{agent}' is not reachable: only '{LOCAL}' (the embedded store in {}) is available; \
-             network agents are not implemented yet",
-            data_dir.display()
-        );
-    }
-    Ok(())
 }
 
 /// The data directory: `--data-dir` / `SLOTH_RUNNER_DATA_DIR` when given, else
@@ -83,4 +149,111 @@ pub(crate) fn principal() -> String {
 /// and of libc bindings.
 fn effective_uid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+impl Store {
+    /// Artifacts as `list` shows them, each with its layout path when it has one.
+    pub(crate) async fn list(&self, query: &ListQuery) -> anyhow::Result<Vec<Listed>> {
+        match self {
+            Store::Local(engine) => {
+                let records = engine.list(query)?;
+                // Only the newest version of each artifact is in the layout; with every version
+                // listed, a newer version of a listed record is more recent, so listed too.
+                let mut newest: HashMap<(&str, &str, &str), u32> = HashMap::new();
+                for r in &records {
+                    let v = newest.entry((&r.stack, &r.task, &r.name)).or_default();
+                    *v = (*v).max(r.version);
+                }
+                Ok(records
+                    .iter()
+                    .map(|r| Listed {
+                        layout_path: engine
+                            .layout_path(r)
+                            .filter(|_| {
+                                newest.get(&(&*r.stack, &*r.task, &*r.name)) == Some(&r.version)
+                            })
+                            .map(|p| p.display().to_string()),
+                        record: r.clone(),
+                    })
+                    .collect())
+            }
+            Store::Remote(remote) => Ok(remote.list(query).await?),
+        }
+    }
+
+    /// The version `selector` means, its newest sibling and its layout path.
+    pub(crate) async fn show(&self, selector: &Selector) -> anyhow::Result<Shown> {
+        match self {
+            Store::Local(engine) => {
+                let record = engine.resolve(selector)?;
+                let versions = engine.versions(&record.key()?)?;
+                let newest = versions.last().map_or(record.version, |r| r.version);
+                let path = engine
+                    .layout_path(&record)
+                    .filter(|_| record.version == newest)
+                    .map(|p| p.display().to_string());
+                Ok(Shown {
+                    layout_enabled: engine.layout_path(&record).is_some(),
+                    artifact: Listed {
+                        record,
+                        layout_path: path,
+                    },
+                    newest_version: newest,
+                    version_count: versions.len() as u32,
+                })
+            }
+            Store::Remote(remote) => Ok(remote.show(selector).await?),
+        }
+    }
+
+    pub(crate) async fn delete(&self, selector: &Selector) -> anyhow::Result<Vec<ArtifactRecord>> {
+        match self {
+            Store::Local(engine) => Ok(engine.delete(selector, &principal()).await?),
+            Store::Remote(remote) => Ok(remote.delete(selector).await?),
+        }
+    }
+
+    pub(crate) async fn events(
+        &self,
+        kind: Option<&str>,
+        limit: Option<usize>,
+    ) -> anyhow::Result<Vec<Event>> {
+        match self {
+            Store::Local(engine) => Ok(engine.events(kind, limit)?),
+            Store::Remote(remote) => Ok(remote.events(kind, limit).await?),
+        }
+    }
+
+    /// Uploads what `reader` yields as a new version of `key`.
+    pub(crate) async fn upload<R: std::io::Read + Send + 'static>(
+        &self,
+        key: &ArtifactKey,
+        reader: R,
+    ) -> anyhow::Result<ArtifactRecord> {
+        match self {
+            Store::Local(engine) => Ok(engine.upload(key, reader, &principal()).await?),
+            Store::Remote(remote) => Ok(remote.upload(key, reader, None).await?.record),
+        }
+    }
+
+    /// Downloads `record` to `target`, verified; returns the path written.
+    pub(crate) async fn download(
+        &self,
+        record: &ArtifactRecord,
+        target: &Path,
+        progress: Option<Progress>,
+    ) -> anyhow::Result<PathBuf> {
+        match self {
+            Store::Local(engine) => Ok(engine.download_to(record, target, &principal()).await?),
+            Store::Remote(remote) => {
+                let exact = Selector {
+                    name: record.name.clone(),
+                    stack: Some(record.stack.clone()),
+                    task: Some(record.task.clone()),
+                    version: Some(record.version),
+                };
+                Ok(remote.download(&exact, target, progress).await?.path)
+            }
+        }
+    }
 }

@@ -16,8 +16,64 @@ pub(crate) struct Cli {
     #[arg(long, global = true, env = "SLOTH_RUNNER_DATA_DIR", value_name = "DIR")]
     pub(crate) data_dir: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub(crate) net: NetArgs,
+
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// How to reach agents and the master.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct NetArgs {
+    /// The master that knows agents by name (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "SLOTH_RUNNER_MASTER_ADDR",
+        value_name = "ADDR"
+    )]
+    pub(crate) master: Option<String>,
+    /// Bearer token for agents and the master that require one.
+    #[arg(
+        long,
+        global = true,
+        env = "SLOTH_RUNNER_TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) token: Option<String>,
+    /// CA certificate (PEM) of agents that serve TLS; turns TLS on.
+    #[arg(long, global = true, env = "SLOTH_RUNNER_CA", value_name = "FILE")]
+    pub(crate) ca: Option<PathBuf>,
+    /// Client certificate (PEM), for agents that require one.
+    #[arg(long, global = true, value_name = "FILE", requires = "client_key")]
+    pub(crate) client_cert: Option<PathBuf>,
+    /// Client certificate's key (PEM).
+    #[arg(long, global = true, value_name = "FILE", requires = "client_cert")]
+    pub(crate) client_key: Option<PathBuf>,
+}
+
+/// TLS and token options of a server (agent or master).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on. Anything but loopback needs TLS or tokens, or --insecure.
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub(crate) bind: std::net::IpAddr,
+    /// Server certificate (PEM); with --tls-key, serve TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// Server certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) client_ca: Option<PathBuf>,
+    /// Token file: lines of `<sha256 of token> <scopes> <principal>` (see `token new`).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tokens: Option<PathBuf>,
+    /// Listen beyond loopback without TLS or tokens.
+    #[arg(long)]
+    pub(crate) insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -26,6 +82,16 @@ pub(crate) enum Command {
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
+    },
+    /// The master: the registry agents report to.
+    Master {
+        #[command(subcommand)]
+        command: MasterCommand,
+    },
+    /// Tokens for agents and the master.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// The audit trail of artifact operations.
     Events {
@@ -40,6 +106,64 @@ pub(crate) enum AgentCommand {
     Artifacts {
         #[command(subcommand)]
         command: ArtifactsCommand,
+    },
+    /// Run an agent: serve this data directory's store on the network.
+    Start(AgentStartArgs),
+    /// List the agents registered with the master.
+    List,
+    /// Show one agent registered with the master.
+    Get {
+        /// Agent name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentStartArgs {
+    /// The agent's name (registered with the master, recorded in events).
+    #[arg(long)]
+    pub(crate) name: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value = "50052")]
+    pub(crate) port: u16,
+    /// Address the master hands out for this agent (default: the bound address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) advertise: Option<String>,
+    /// Store settings file (default: config.toml in the data directory).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Seconds between heartbeats to the master.
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) heartbeat: u64,
+    #[command(flatten)]
+    pub(crate) serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MasterCommand {
+    /// Run the master.
+    Start(MasterStartArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MasterStartArgs {
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value = "50053")]
+    pub(crate) port: u16,
+    #[command(flatten)]
+    pub(crate) serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Make a random token and print it with the token-file line that grants it.
+    New {
+        /// Scopes, comma-separated: read, write, delete, admin.
+        #[arg(long, default_value = "read")]
+        scopes: String,
+        /// Who the token stands for (recorded in events).
+        #[arg(long)]
+        principal: String,
     },
 }
 
@@ -59,6 +183,20 @@ pub(crate) enum ArtifactsCommand {
     Show(ShowArgs),
     /// Delete an artifact (every version, or one with --version).
     Delete(DeleteArgs),
+    /// Copy an artifact from one agent to another; only chunks the target lacks travel.
+    Copy(CopyArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CopyArgs {
+    /// Agent to copy from.
+    pub(crate) source: String,
+    /// Agent to copy to.
+    pub(crate) target: String,
+    /// Artifact name.
+    pub(crate) name: String,
+    #[command(flatten)]
+    pub(crate) scope: Scope,
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,7 +232,7 @@ pub(crate) struct Scope {
 
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
-    /// Agent name (only `local`, the embedded store, for now).
+    /// Agent name: `local`, a name the master knows, or host:port.
     pub(crate) agent: String,
     /// Filter by stack name.
     #[arg(long, short = 's')]
@@ -115,7 +253,7 @@ pub(crate) struct ListArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct UploadArgs {
-    /// Agent name (only `local`, the embedded store, for now).
+    /// Agent name: `local`, a name the master knows, or host:port.
     pub(crate) agent: String,
     /// The file to upload.
     pub(crate) file: PathBuf,
@@ -132,10 +270,11 @@ pub(crate) struct UploadArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct DownloadArgs {
-    /// Agent name (only `local`, the embedded store, for now).
+    /// Agent name: `local`, a name the master knows, or host:port.
     pub(crate) agent: String,
-    /// Artifact name.
-    pub(crate) name: String,
+    /// Artifact names (several download concurrently; then -o must be a directory).
+    #[arg(required = true, num_args = 1..)]
+    pub(crate) names: Vec<String>,
     /// Local output path (default: the artifact's name in the current directory); an
     /// existing directory, or a path ending in `/`, receives the file under its name.
     /// Missing parent directories are created; an existing file is replaced.
@@ -147,7 +286,7 @@ pub(crate) struct DownloadArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ShowArgs {
-    /// Agent name (only `local`, the embedded store, for now).
+    /// Agent name: `local`, a name the master knows, or host:port.
     pub(crate) agent: String,
     /// Artifact name.
     pub(crate) name: String,
@@ -160,7 +299,7 @@ pub(crate) struct ShowArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct DeleteArgs {
-    /// Agent name (only `local`, the embedded store, for now).
+    /// Agent name: `local`, a name the master knows, or host:port.
     pub(crate) agent: String,
     /// Artifact name.
     pub(crate) name: String,
@@ -179,7 +318,7 @@ pub(crate) struct EventsListArgs {
     /// Maximum events to show: the most recent ones (at least 1).
     #[arg(long, short = 'l', default_value = "50", value_parser = positive, allow_negative_numbers = true, value_name = "N")]
     pub(crate) limit: usize,
-    /// Agent whose trail to read (only `local`, the embedded store, for now).
+    /// Agent whose trail to read: `local`, a name the master knows, or host:port.
     #[arg(long, default_value = "local")]
     pub(crate) agent: String,
     /// Output format.

@@ -1,14 +1,17 @@
 //! `sloth-runner agent artifacts list|upload|download|show|delete`.
 
-use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::{Context as _, bail};
 use serde::Serialize;
-use sloth_engine::{ArtifactKey, ArtifactRecord, Engine, ListQuery, Name, Selector};
+use sloth_agent::client::{Listed, Shown};
+use sloth_engine::{ArtifactKey, ArtifactRecord, ListQuery, Name, Selector};
 
-use crate::args::{DeleteArgs, DownloadArgs, ListArgs, Output, Scope, ShowArgs, UploadArgs};
+use crate::agent::{Context, Store};
+use crate::args::{
+    CopyArgs, DeleteArgs, DownloadArgs, ListArgs, Output, Scope, ShowArgs, UploadArgs,
+};
 use crate::format::{Table, human_size, utc_time};
 use crate::{agent, progress};
 
@@ -18,8 +21,19 @@ struct RecordJson<'a> {
     agent: &'a str,
     #[serde(flatten)]
     record: &'a ArtifactRecord,
-    /// The layout path, or `null` when the layout is off or this is not the newest version.
-    path: Option<PathBuf>,
+    /// The layout path (on the agent's machine), or `null` when the layout is off or this is
+    /// not the newest version.
+    path: Option<&'a str>,
+}
+
+impl<'a> RecordJson<'a> {
+    fn new(agent: &'a str, listed: &'a Listed) -> Self {
+        Self {
+            agent,
+            record: &listed.record,
+            path: listed.layout_path.as_deref(),
+        }
+    }
 }
 
 /// The spec's list columns (header, width).
@@ -31,12 +45,7 @@ const LIST_COLUMNS: [(&str, usize); 5] = [
     ("Task", 20),
 ];
 
-pub(crate) async fn list(
-    data_dir: &Path,
-    args: ListArgs,
-    out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    agent::check(&args.agent, data_dir)?;
+pub(crate) async fn list(ctx: &Context, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let stack = args
         .stack
         .as_deref()
@@ -47,24 +56,17 @@ pub(crate) async fn list(
         .as_deref()
         .map(|t| Name::parse("task", t))
         .transpose()?;
-    let engine = agent::open(&args.agent, data_dir).await?;
+    let store = agent::open(&args.agent, ctx).await?;
     // One more than asked for tells whether more exist without reading the whole catalog
     // (the engine walks a time index from the newest end; a full count would not be cheap).
-    let mut records = engine.list(&ListQuery {
-        stack: stack.map(|s| s.to_string()),
-        task: task.map(|t| t.to_string()),
-        all_versions: args.all_versions,
-        limit: Some(args.limit.saturating_add(1)),
-    })?;
-    // With every version listed, only the newest of each artifact has a layout path. Any
-    // newer version of a listed record is more recent, so it is in the list too.
-    let mut newest: HashMap<(String, String, String), u32> = HashMap::new();
-    for r in &records {
-        let v = newest
-            .entry((r.stack.clone(), r.task.clone(), r.name.clone()))
-            .or_default();
-        *v = (*v).max(r.version);
-    }
+    let mut records = store
+        .list(&ListQuery {
+            stack: stack.map(|s| s.to_string()),
+            task: task.map(|t| t.to_string()),
+            all_versions: args.all_versions,
+            limit: Some(args.limit.saturating_add(1)),
+        })
+        .await?;
     let more = records.len() > args.limit;
     if more {
         records.remove(0);
@@ -73,12 +75,7 @@ pub(crate) async fn list(
     if args.output == Output::Json {
         let json: Vec<RecordJson<'_>> = records
             .iter()
-            .map(|r| {
-                let n = newest
-                    .get(&(r.stack.clone(), r.task.clone(), r.name.clone()))
-                    .copied();
-                record_json(&engine, &args.agent, r, n)
-            })
+            .map(|r| RecordJson::new(&args.agent, r))
             .collect();
         return print_json(out, &json);
     }
@@ -90,7 +87,7 @@ pub(crate) async fn list(
         columns.push(("Version", 7));
     }
     let mut table = Table::new(&columns);
-    for r in &records {
+    for Listed { record: r, .. } in &records {
         let mut row = vec![
             r.name.clone(),
             r.stack.clone(),
@@ -126,11 +123,10 @@ pub(crate) async fn list(
 }
 
 pub(crate) async fn upload(
-    data_dir: &Path,
+    ctx: &Context,
     args: UploadArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    agent::check(&args.agent, data_dir)?;
     let name = match &args.name {
         Some(name) => name.clone(),
         None => default_name(&args.file)?,
@@ -141,7 +137,7 @@ pub(crate) async fn upload(
     let file = sloth_engine::open_upload(&args.file)?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let shown = args.file.display();
-    let engine = agent::open(&args.agent, data_dir).await?;
+    let store = agent::open(&args.agent, ctx).await?;
 
     writeln!(
         out,
@@ -151,7 +147,7 @@ pub(crate) async fn upload(
     out.flush()?;
     let bar = progress::bar(len, &format!("Uploading {name}"));
     let reader = progress::Counting::new(file, bar.clone());
-    let uploaded = engine.upload(&key, reader, &agent::principal()).await;
+    let uploaded = store.upload(&key, reader).await;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -187,43 +183,104 @@ fn default_name(file: &Path) -> anyhow::Result<String> {
 }
 
 pub(crate) async fn download(
-    data_dir: &Path,
+    ctx: &Context,
     args: DownloadArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let (engine, _, record) =
-        open_and_resolve(data_dir, &args.agent, &args.name, &args.scope).await?;
+    let selectors = args
+        .names
+        .iter()
+        .map(|name| selector(name, &args.scope))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if selectors.len() > 1 && args.scope.version.is_some() {
+        bail!("--version applies to one artifact; download several without it");
+    }
+    let several = selectors.len() > 1;
     let target = match args.output {
-        None => PathBuf::from(&record.name),
+        None if several => PathBuf::from("."),
+        None => PathBuf::new(),
+        Some(path) if several => {
+            // Several files go into one directory, which must be one.
+            if path.exists() && !path.is_dir() {
+                bail!(
+                    "-o '{}' is a file; several artifacts need a directory",
+                    path.display()
+                );
+            }
+            let mut dir = path.into_os_string();
+            dir.push("/");
+            prepare_target(PathBuf::from(dir))?
+        }
         Some(path) => prepare_target(path)?,
     };
-
-    writeln!(
-        out,
-        "ℹ Downloading artifact '{}' from agent '{}'...",
-        record.name, args.agent
-    )?;
-    out.flush()?;
-    // The engine reports no progress while it writes, so large downloads get a spinner.
-    let spinner = progress::spinner(
-        record.size,
-        &format!("Downloading {} ({})", record.name, human_size(record.size)),
-    );
-    let written = engine
-        .download_to(&record, &target, &agent::principal())
-        .await;
-    if let Some(spinner) = spinner {
-        spinner.finish_and_clear();
+    let store = agent::open(&args.agent, ctx).await?;
+    // Resolved up front: an unknown or ambiguous name fails before anything is written.
+    let mut records = Vec::with_capacity(selectors.len());
+    for selector in &selectors {
+        records.push(store.show(selector).await?.artifact.record);
     }
-    let written = written?;
-    writeln!(
-        out,
-        "✓ Downloaded {} to '{}' ({})",
-        record.name,
-        written.display(),
-        human_size(record.size)
-    )?;
-    Ok(())
+    for record in &records {
+        writeln!(
+            out,
+            "ℹ Downloading artifact '{}' from agent '{}'...",
+            record.name, args.agent
+        )?;
+    }
+    out.flush()?;
+    let total: u64 = records.iter().map(|r| r.size).sum();
+    let what = match &records[..] {
+        [one] => format!("Downloading {} ({})", one.name, human_size(one.size)),
+        many => format!(
+            "Downloading {} artifacts ({})",
+            many.len(),
+            human_size(total)
+        ),
+    };
+    let bar = match &store {
+        // The engine reports no progress while it writes: large local downloads get a spinner.
+        Store::Local(_) => progress::spinner(total, &what),
+        Store::Remote(_) => progress::bar(total, &what),
+    };
+    let counter: Option<sloth_agent::client::Progress> = bar.clone().map(|bar| {
+        let counter: sloth_agent::client::Progress = std::sync::Arc::new(move |n| bar.inc(n));
+        counter
+    });
+    let downloads = records.iter().map(|record| {
+        let target = if target.as_os_str().is_empty() {
+            PathBuf::from(&record.name)
+        } else {
+            target.clone()
+        };
+        let counter = counter.clone();
+        let store = &store;
+        async move { store.download(record, &target, counter).await }
+    });
+    // Remote downloads run concurrently; the embedded store's are bounded by one disk anyway.
+    let results = futures::future::join_all(downloads).await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let mut failed = None;
+    for (record, result) in records.iter().zip(results) {
+        match result {
+            Ok(written) => writeln!(
+                out,
+                "✓ Downloaded {} to '{}' ({})",
+                record.name,
+                written.display(),
+                human_size(record.size)
+            )?,
+            Err(e) if several => {
+                writeln!(out, "✗ {}: {}", record.name, crate::chain(&e))?;
+                failed.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match failed {
+        Some(e) => Err(e.context("some downloads failed")),
+        None => Ok(()),
+    }
 }
 
 /// Makes `-o PATH` writable: a path ending in `/` is a directory to create, and a file's
@@ -244,39 +301,23 @@ fn prepare_target(path: PathBuf) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-pub(crate) async fn show(
-    data_dir: &Path,
-    args: ShowArgs,
-    out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    let (engine, selector, record) =
-        open_and_resolve(data_dir, &args.agent, &args.name, &args.scope).await?;
-    // The layout holds only the newest version of each artifact.
-    let newest = match selector.version {
-        None => record.version,
-        Some(_) => {
-            engine
-                .resolve(&Selector {
-                    version: None,
-                    ..place_of(&record)
-                })?
-                .version
-        }
-    };
-
+pub(crate) async fn show(ctx: &Context, args: ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let (_, _, shown) = open_and_resolve(ctx, &args.agent, &args.name, &args.scope).await?;
+    let Shown {
+        artifact,
+        newest_version: newest,
+        layout_enabled,
+        ..
+    } = &shown;
     if args.output == Output::Json {
-        return print_json(
-            out,
-            &record_json(&engine, &args.agent, &record, Some(newest)),
-        );
+        return print_json(out, &RecordJson::new(&args.agent, artifact));
     }
 
-    let path = match engine.layout_path(&record) {
-        None => "(layout projection disabled)".to_owned(),
-        Some(_) if record.version != newest => {
-            format!("(not in the layout, which shows only the newest version, {newest})")
-        }
-        Some(path) => path.display().to_string(),
+    let record = &artifact.record;
+    let path = match &artifact.layout_path {
+        None if !layout_enabled => "(layout projection disabled)".to_owned(),
+        Some(path) if record.version == *newest => path.clone(),
+        _ => format!("(not in the layout, which shows only the newest version, {newest})"),
     };
     writeln!(out, "📦 Artifact Details")?;
     writeln!(out)?;
@@ -299,17 +340,18 @@ pub(crate) async fn show(
 }
 
 pub(crate) async fn delete(
-    data_dir: &Path,
+    ctx: &Context,
     args: DeleteArgs,
     out: &mut dyn Write,
     input: &mut dyn BufRead,
 ) -> anyhow::Result<()> {
-    let (engine, selector, record) =
-        open_and_resolve(data_dir, &args.agent, &args.name, &args.scope).await?;
+    let (store, selector, shown) =
+        open_and_resolve(ctx, &args.agent, &args.name, &args.scope).await?;
+    let record = &shown.artifact.record;
     let what = match selector.version {
         Some(v) => format!("artifact '{}' version {v}", record.name),
         None => {
-            let versions = engine.versions(&record.key()?)?.len();
+            let versions = shown.version_count;
             if versions > 1 {
                 format!("artifact '{}' (all {versions} versions)", record.name)
             } else {
@@ -343,9 +385,9 @@ pub(crate) async fn delete(
     // Narrowed to the place just resolved, so the confirmed artifact is the one deleted.
     let exact = Selector {
         version: selector.version,
-        ..place_of(&record)
+        ..place_of(record)
     };
-    engine.delete(&exact, &agent::principal()).await?;
+    store.delete(&exact).await?;
     writeln!(out, "✓ Deleted {what} from agent '{}'", args.agent)?;
     Ok(())
 }
@@ -356,16 +398,53 @@ pub(crate) async fn delete(
 /// agent, a bad name or an unknown or ambiguous artifact fails before anything else happens
 /// (delete asks its question only after this).
 async fn open_and_resolve(
-    data_dir: &Path,
+    ctx: &Context,
     agent_name: &str,
     name: &str,
     scope: &Scope,
-) -> anyhow::Result<(Engine, Selector, ArtifactRecord)> {
-    agent::check(agent_name, data_dir)?;
+) -> anyhow::Result<(Store, Selector, Shown)> {
     let selector = selector(name, scope)?;
-    let engine = agent::open(agent_name, data_dir).await?;
-    let record = engine.resolve(&selector)?;
-    Ok((engine, selector, record))
+    let store = agent::open(agent_name, ctx).await?;
+    let shown = store.show(&selector).await?;
+    Ok((store, selector, shown))
+}
+
+/// `copy SRC DST NAME`: the artifact goes to the same stack, task and name on DST as a new
+/// version there. Only the chunks DST lacks are fetched from SRC and sent on.
+pub(crate) async fn copy(ctx: &Context, args: CopyArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let selector = selector(&args.name, &args.scope)?;
+    if args.source == args.target {
+        bail!("source and target are both '{}'", args.source);
+    }
+    let (Store::Remote(source), Store::Remote(target)) = (
+        agent::open(&args.source, ctx).await?,
+        agent::open(&args.target, ctx).await?,
+    ) else {
+        bail!(
+            "copy moves artifacts between network agents; for '{}' use upload or download",
+            agent::LOCAL
+        );
+    };
+    writeln!(
+        out,
+        "ℹ Copying artifact '{}' from agent '{}' to agent '{}'...",
+        args.name, args.source, args.target
+    )?;
+    out.flush()?;
+    let copied = source.copy_to(&target, &selector).await?;
+    let record = &copied.record;
+    writeln!(
+        out,
+        "✓ Copied {} ({}, version {} on '{}'): {} of {} chunks sent, {}",
+        record.name,
+        human_size(record.size),
+        record.version,
+        args.target,
+        copied.chunks_sent,
+        copied.chunks,
+        human_size(copied.bytes_sent)
+    )?;
+    Ok(())
 }
 
 fn selector(name: &str, scope: &Scope) -> anyhow::Result<Selector> {
@@ -394,21 +473,6 @@ fn place_of(record: &ArtifactRecord) -> Selector {
         stack: Some(record.stack.clone()),
         task: Some(record.task.clone()),
         version: None,
-    }
-}
-
-/// `newest`: the newest version's number when known; `None` means `record` is the newest.
-fn record_json<'a>(
-    engine: &Engine,
-    agent: &'a str,
-    record: &'a ArtifactRecord,
-    newest: Option<u32>,
-) -> RecordJson<'a> {
-    let is_newest = newest.is_none_or(|n| n == record.version);
-    RecordJson {
-        agent,
-        record,
-        path: engine.layout_path(record).filter(|_| is_newest),
     }
 }
 

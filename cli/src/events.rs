@@ -1,9 +1,8 @@
 //! `sloth-runner events list`: the audit trail.
 
 use std::io::Write;
-use std::path::Path;
 
-use crate::agent;
+use crate::agent::{self, Context};
 use crate::args::{EventsListArgs, Output};
 use crate::artifacts::print_json;
 use crate::format::{Table, human_size, utc_time};
@@ -11,7 +10,7 @@ use crate::format::{Table, human_size, utc_time};
 const COLUMNS: [(&str, usize); 8] = [
     ("Time", 20),
     ("Kind", 17),
-    ("Principal", 12),
+    ("Principal", 20),
     ("Stack", 15),
     ("Task", 20),
     ("Name", 40),
@@ -20,12 +19,12 @@ const COLUMNS: [(&str, usize); 8] = [
 ];
 
 pub(crate) async fn list(
-    data_dir: &Path,
+    ctx: &Context,
     args: EventsListArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let engine = agent::open(&args.agent, data_dir).await?;
-    let events = engine.events(args.kind.as_deref(), Some(args.limit))?;
+    let store = agent::open(&args.agent, ctx).await?;
+    let events = store.events(args.kind.as_deref(), Some(args.limit)).await?;
 
     if args.output == Output::Json {
         return print_json(out, &events);

@@ -9,13 +9,16 @@ mod artifacts;
 mod events;
 mod format;
 mod progress;
+mod serve;
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::args::{AgentCommand, ArtifactsCommand, Cli, Command, EventsCommand};
+use crate::args::{
+    AgentCommand, ArtifactsCommand, Cli, Command, EventsCommand, MasterCommand, TokenCommand,
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -23,25 +26,33 @@ async fn main() -> ExitCode {
     // retry) go to stderr as `WARN ...`; the commands' own output stays on stdout.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::WARN)
+        .with_max_level(if serving_command() {
+            tracing::Level::INFO
+        } else {
+            tracing::Level::WARN
+        })
         .without_time()
         .with_target(false)
         .init();
     let cli = Cli::parse();
-    // Ctrl-C drops the command's future, so what it holds is cleaned up on the way out (a
-    // download's temporary file is deleted; an upload's uncommitted chunks are left for GC and
-    // its staging copy for the next open to sweep) instead of the process dying mid-write.
-    let result = tokio::select! {
-        result = run(cli) => result,
-        _ = tokio::signal::ctrl_c() => {
-            let _ = writeln!(std::io::stderr(), "error: interrupted");
-            return ExitCode::from(130);
-        }
+    // Servers handle SIGINT/SIGTERM themselves: they stop accepting and finish what is in
+    // flight. INFO from them (registrations, shutdown) goes to stderr too.
+    let serving = matches!(
+        cli.command,
+        Command::Agent {
+            command: AgentCommand::Start(_)
+        } | Command::Master { .. }
+    );
+    let result = if serving {
+        run(cli).await
+    } else {
+        interruptible(cli).await
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // `sloth-runner ... | head` closing the pipe early is not a failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => ExitCode::from(130),
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "error: {}", chain(&e));
             ExitCode::FAILURE
@@ -49,27 +60,73 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Whether the command line starts a server (read before clap, for the log level).
+fn serving_command() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .any(|w| (w[0] == "agent" || w[0] == "master") && w[1] == "start")
+}
+
+/// Ctrl-C during a client command.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+async fn interruptible(cli: Cli) -> anyhow::Result<()> {
+    // Ctrl-C drops the command's future, so what it holds is cleaned up on the way out (a
+    // download's temporary file is deleted; an upload's uncommitted chunks are left for GC and
+    // its staging copy for the next open to sweep) instead of the process dying mid-write.
+    tokio::select! {
+        result = run(cli) => result,
+        _ = tokio::signal::ctrl_c() => {
+            let _ = writeln!(std::io::stderr(), "error: interrupted");
+            Err(Interrupted.into())
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let data_dir = agent::data_dir(cli.data_dir)?;
+    let ctx = agent::Context {
+        data_dir: agent::data_dir(cli.data_dir)?,
+        net: cli.net,
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match cli.command {
-        Command::Agent {
-            command: AgentCommand::Artifacts { command },
-        } => match command {
-            ArtifactsCommand::List(args) => artifacts::list(&data_dir, args, &mut out).await?,
-            ArtifactsCommand::Upload(args) => artifacts::upload(&data_dir, args, &mut out).await?,
-            ArtifactsCommand::Download(args) => {
-                artifacts::download(&data_dir, args, &mut out).await?
+        Command::Agent { command } => match command {
+            AgentCommand::Artifacts { command } => match command {
+                ArtifactsCommand::List(args) => artifacts::list(&ctx, args, &mut out).await?,
+                ArtifactsCommand::Upload(args) => artifacts::upload(&ctx, args, &mut out).await?,
+                ArtifactsCommand::Download(args) => {
+                    artifacts::download(&ctx, args, &mut out).await?
+                }
+                ArtifactsCommand::Show(args) => artifacts::show(&ctx, args, &mut out).await?,
+                ArtifactsCommand::Delete(args) => {
+                    artifacts::delete(&ctx, args, &mut out, &mut std::io::stdin().lock()).await?
+                }
+                ArtifactsCommand::Copy(args) => artifacts::copy(&ctx, args, &mut out).await?,
+            },
+            AgentCommand::Start(args) => {
+                drop(out);
+                serve::agent_start(&ctx, args, &mut std::io::stdout()).await?;
+                return Ok(());
             }
-            ArtifactsCommand::Show(args) => artifacts::show(&data_dir, args, &mut out).await?,
-            ArtifactsCommand::Delete(args) => {
-                artifacts::delete(&data_dir, args, &mut out, &mut std::io::stdin().lock()).await?
-            }
+            AgentCommand::List => serve::agent_list(&ctx, &mut out).await?,
+            AgentCommand::Get { name } => serve::agent_get(&ctx, &name, &mut out).await?,
         },
+        Command::Master {
+            command: MasterCommand::Start(args),
+        } => {
+            drop(out);
+            serve::master_start(args, &mut std::io::stdout()).await?;
+            return Ok(());
+        }
+        Command::Token {
+            command: TokenCommand::New { scopes, principal },
+        } => serve::token_new(&scopes, &principal, &mut out)?,
         Command::Events {
             command: EventsCommand::List(args),
-        } => events::list(&data_dir, args, &mut out).await?,
+        } => events::list(&ctx, args, &mut out).await?,
     }
     out.flush()?;
     Ok(())

@@ -44,6 +44,9 @@ impl Sloth {
             .args(args)
             .current_dir(self.dir.path())
             .env_remove("SLOTH_RUNNER_DATA_DIR")
+            .env_remove("SLOTH_RUNNER_MASTER_ADDR")
+            .env_remove("SLOTH_RUNNER_TOKEN")
+            .env_remove("SLOTH_RUNNER_CA")
             .env("USER", "tester");
         cmd
     }
@@ -898,8 +901,9 @@ fn bad_input_is_refused_and_changes_nothing() {
         assert_eq!(
             stderr,
             format!(
-                "error: agent 'build-agent' is not reachable: only 'local' (the embedded store in {}) is available; \
-                 network agents are not implemented yet\n",
+                "error: cannot find agent 'build-agent': no master given; pass --master HOST:PORT or set \
+                 SLOTH_RUNNER_MASTER_ADDR (or name the agent by host:port, or use 'local' for the embedded \
+                 store in {})\n",
                 s.data_dir().display()
             ),
             "{args:?}"
@@ -1003,18 +1007,19 @@ fn data_dir_comes_from_flag_env_or_the_defaults() {
     );
     assert!(from_env.join("metadata.db").is_file());
 
-    // An unknown agent fails before the store is opened and names the data directory it
-    // would have used: a safe way to see the defaults.
+    // A network agent with no master to find it fails before the store is opened and names
+    // the data directory `local` would use: a safe way to see the defaults.
     let default_dir = |envs: &[(&str, &str)]| {
         let mut cmd = Command::new(BIN);
         cmd.args(["agent", "artifacts", "list", "elsewhere"])
-            .env_remove("SLOTH_RUNNER_DATA_DIR");
+            .env_remove("SLOTH_RUNNER_DATA_DIR")
+            .env_remove("SLOTH_RUNNER_MASTER_ADDR");
         for (k, v) in envs {
             cmd.env(k, v);
         }
         let stderr = String::from_utf8(cmd.output().unwrap().stderr).unwrap();
         let start = stderr.find("embedded store in ").unwrap() + "embedded store in ".len();
-        stderr[start..stderr.find(") is available").unwrap()].to_owned()
+        stderr[start..stderr.rfind(")\n").unwrap()].to_owned()
     };
     if running_as_root() {
         assert_eq!(

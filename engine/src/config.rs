@@ -1,5 +1,5 @@
 //! `<data-dir>/config.toml`: the settings of one store, for the embedded `local` agent now and
-//! the network agent's `--config` later.
+//! a network agent (`agent start --config FILE`).
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +48,16 @@ impl StoreConfigFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(bad(e.to_string())),
         };
+        Self::parse(&text).map_err(bad)
+    }
+
+    /// Reads a config file given by path (an agent's `--config`); it must exist.
+    pub fn load_from(path: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         Self::parse(&text).map_err(bad)
     }
 

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
-use sloth_cas::{Cas, CasConfig, release_tx, retain_tx, tx_error};
+use sloth_cas::{
+    Cas, CasConfig, ContentDigests, PackStore, Receiver, Staged, release_tx, retain_tx, tx_error,
+};
 
 use crate::error::at;
 use crate::layout::Layout;
@@ -210,6 +212,50 @@ impl Engine {
             }
             None => self.cas.ingest_reader(reader).await?,
         };
+        self.commit_version(key, staged, principal, copy).await
+    }
+
+    /// Makes content received from a client (see [`Receiver`]) a new version of `key`, once
+    /// the whole content has been read back and matched `length` and `digests`.
+    pub async fn upload_received(
+        &self,
+        key: &ArtifactKey,
+        receiver: Receiver<PackStore>,
+        length: u64,
+        digests: ContentDigests,
+        principal: &str,
+    ) -> Result<ArtifactRecord> {
+        // The verification read-back writes the layout's copy, when there is one.
+        let copy = self.layout.as_ref().map(|l| l.staging_file()).transpose()?;
+        let result = async {
+            let staged = match &copy {
+                Some((path, file)) => {
+                    let out = file.try_clone().map_err(at(path))?;
+                    let (staged, out) = receiver.finish(length, digests, out).await?;
+                    out.sync_data().map_err(at(path))?;
+                    staged
+                }
+                None => receiver.finish(length, digests, std::io::sink()).await?.0,
+            };
+            self.commit_version(key, staged, principal, copy.as_ref())
+                .await
+        }
+        .await;
+        if let (Err(_), Some((path, _))) = (&result, &copy) {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    /// Commits staged content as a new version of `key`: manifest, record and event in one
+    /// transaction, then the projections.
+    async fn commit_version(
+        &self,
+        key: &ArtifactKey,
+        staged: Staged,
+        principal: &str,
+        copy: Option<&(PathBuf, std::fs::File)>,
+    ) -> Result<ArtifactRecord> {
         let prepared = self.cas.prepare(staged.manifest()).await?;
         let manifest = staged.manifest();
         let now = now_secs();
@@ -493,7 +539,10 @@ impl Engine {
         Ok(target)
     }
 
-    async fn count_download(&self, record: &ArtifactRecord, principal: &str) -> Result<()> {
+    /// Counts a successful download of `record` (done by [`Engine::download_to`] itself; for
+    /// a client that fetched the content and verified it on its own). A record deleted
+    /// meanwhile is not counted.
+    pub async fn count_download(&self, record: &ArtifactRecord, principal: &str) -> Result<()> {
         let key = record.key()?;
         let now = now_secs();
         let _write = self.write.lock().await;

@@ -29,6 +29,11 @@ impl ArtifactId {
     pub fn as_u128(&self) -> u128 {
         self.0
     }
+
+    /// An id from its raw value (as sent over the wire).
+    pub fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
 }
 
 impl fmt::Display for ArtifactId {

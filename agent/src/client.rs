@@ -1,0 +1,1026 @@
+//! The client side: what the CLI uses to reach agents and the master.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use sloth_cas::{ChunkId, ChunkRef, Chunker, ChunkerParams, ContentDigests, ContentHasher, frame};
+use sloth_engine::{ArtifactKey, ArtifactRecord, Event, ListQuery, Selector};
+use sloth_proto::artifacts::{
+    self as pb, agent_client::AgentClient, artifacts_client::ArtifactsClient,
+};
+use sloth_proto::registry::{self as reg, registry_client::RegistryClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::USER_HEADER;
+use crate::limits::*;
+use crate::tls::ClientTls;
+use crate::{Error, Result, convert};
+
+/// Where a server is and the credentials to use with it.
+#[derive(Debug, Clone, Default)]
+pub struct Link {
+    /// `host:port`.
+    pub addr: String,
+    /// TLS settings; plain HTTP/2 when no CA is given.
+    pub tls: ClientTls,
+    /// Bearer token.
+    pub token: Option<String>,
+    /// Who the client says it is (recorded by agents without tokens, marked unverified).
+    pub user: Option<String>,
+}
+
+/// Adds the credentials to every call.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    user: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        if let Some(value) = &self.user {
+            request.metadata_mut().insert(USER_HEADER, value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Credentials>;
+
+/// A connection to an agent or the master.
+#[derive(Debug, Clone)]
+pub(crate) struct Connection {
+    channel: Channel,
+    credentials: Credentials,
+}
+
+impl Connection {
+    /// Connects to `link`; `what` names the peer in errors (`agent 'x'`, `master`).
+    pub(crate) async fn open(what: &str, link: &Link) -> Result<Self> {
+        let unreachable = |reason: String| Error::Unreachable {
+            what: what.to_owned(),
+            addr: link.addr.clone(),
+            reason,
+        };
+        let host = link
+            .addr
+            .rsplit_once(':')
+            .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| unreachable("the address is not host:port".into()))?;
+        let tls = link.tls.config(host)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", link.addr))
+            .map_err(|e| unreachable(format!("invalid address: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .initial_stream_window_size(crate::server::WINDOW)
+            .initial_connection_window_size(crate::server::WINDOW * 2)
+            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| unreachable(crate::error::chain(&e)))?;
+        let header = |value: String, what: &str| {
+            value.parse().map_err(|_| {
+                Error::Config(format!(
+                    "the {what} contains characters not allowed in a header"
+                ))
+            })
+        };
+        Ok(Self {
+            channel,
+            credentials: Credentials {
+                authorization: link
+                    .token
+                    .as_ref()
+                    .map(|t| header(format!("Bearer {t}"), "token"))
+                    .transpose()?,
+                user: link
+                    .user
+                    .clone()
+                    .map(|u| header(u, "user name"))
+                    .transpose()?,
+            },
+        })
+    }
+
+    pub(crate) fn artifacts(&self) -> ArtifactsClient<Authed> {
+        ArtifactsClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    pub(crate) fn agent(&self) -> AgentClient<Authed> {
+        AgentClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+    }
+
+    pub(crate) fn registry(&self) -> RegistryClient<Authed> {
+        RegistryClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+    }
+}
+
+fn unary<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(UNARY_TIMEOUT);
+    request
+}
+
+/// An artifact as an agent lists it: the record and the agent-side layout path.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// The record.
+    pub record: ArtifactRecord,
+    /// Where the agent's layout shows it (unset when the layout is off or not newest).
+    pub layout_path: Option<String>,
+}
+
+/// What `show` learns about an artifact.
+#[derive(Debug, Clone)]
+pub struct Shown {
+    /// The version asked for, with its layout path.
+    pub artifact: Listed,
+    /// The newest version of the same artifact.
+    pub newest_version: u32,
+    /// How many versions exist.
+    pub version_count: u32,
+    /// Whether the agent keeps the layout projection.
+    pub layout_enabled: bool,
+}
+
+/// An agent's store figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Figures {
+    /// Distinct artifacts.
+    pub artifacts: u64,
+    /// Versions.
+    pub versions: u64,
+    /// Sum of the versions' sizes.
+    pub logical_bytes: u64,
+    /// Bytes the store's chunks take, after dedup and compression.
+    pub stored_bytes: u64,
+}
+
+impl Figures {
+    /// Logical bytes per stored byte (0 when nothing is stored).
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.stored_bytes == 0 {
+            0.0
+        } else {
+            self.logical_bytes as f64 / self.stored_bytes as f64
+        }
+    }
+}
+
+/// What an upload did.
+#[derive(Debug, Clone)]
+pub struct Uploaded {
+    /// The new version.
+    pub record: ArtifactRecord,
+    /// Chunks in the content, and how many of them the agent asked for.
+    pub chunks: u64,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Frame bytes sent (chunk payloads on the wire, after compression).
+    pub bytes_sent: u64,
+}
+
+/// What a download did.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    /// The version downloaded.
+    pub record: ArtifactRecord,
+    /// Where it was written.
+    pub path: PathBuf,
+    /// Frame bytes received.
+    pub bytes_received: u64,
+}
+
+/// Counts bytes as they are read, for progress bars.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A connection to one agent.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    name: String,
+    conn: Connection,
+}
+
+impl Remote {
+    /// Connects to the agent `name` at `link.addr`.
+    pub async fn connect(name: &str, link: &Link) -> Result<Self> {
+        Ok(Self {
+            name: name.to_owned(),
+            conn: Connection::open(&format!("agent '{name}'"), link).await?,
+        })
+    }
+
+    /// Finds the agent `name` through the master at `master.addr` and connects to it with
+    /// the same TLS settings and token.
+    pub async fn find(name: &str, master: &Link) -> Result<Self> {
+        let record = Master::connect(master).await?.get(name).await?;
+        let link = Link {
+            addr: record.address.clone(),
+            ..master.clone()
+        };
+        if record.tls && !link.tls.enabled() {
+            return Err(Error::Config(format!(
+                "agent '{name}' at {} uses TLS: pass --ca with the CA of its certificate",
+                record.address
+            )));
+        }
+        Self::connect(name, &link).await
+    }
+
+    /// The agent's name as the caller knows it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Artifacts, as [`sloth_engine::Engine::list`] returns them.
+    pub async fn list(&self, query: &ListQuery) -> Result<Vec<Listed>> {
+        let limit = query.limit.map_or(0, |l| l.min(MAX_LIST as usize) as u32);
+        let response = self
+            .conn
+            .artifacts()
+            .list(unary(pb::ListRequest {
+                stack: query.stack.clone(),
+                task: query.task.clone(),
+                all_versions: query.all_versions,
+                limit,
+            }))
+            .await?
+            .into_inner();
+        response
+            .artifacts
+            .into_iter()
+            .map(|a| {
+                let (record, layout_path) = convert::record(a)?;
+                Ok(Listed {
+                    record,
+                    layout_path,
+                })
+            })
+            .collect()
+    }
+
+    /// One artifact version and what surrounds it.
+    pub async fn show(&self, selector: &Selector) -> Result<Shown> {
+        let response = self
+            .conn
+            .artifacts()
+            .show(unary(convert::selector(selector)))
+            .await?
+            .into_inner();
+        let artifact = response
+            .artifact
+            .ok_or_else(|| Error::Protocol("show answered without an artifact".into()))?;
+        let (record, layout_path) = convert::record(artifact)?;
+        Ok(Shown {
+            artifact: Listed {
+                record,
+                layout_path,
+            },
+            newest_version: response.newest_version,
+            version_count: response.version_count,
+            layout_enabled: response.layout_enabled,
+        })
+    }
+
+    /// Deletes what `selector` means (one version, or every version).
+    pub async fn delete(&self, selector: &Selector) -> Result<Vec<ArtifactRecord>> {
+        let response = self
+            .conn
+            .artifacts()
+            .delete(unary(convert::selector(selector)))
+            .await?
+            .into_inner();
+        response
+            .deleted
+            .into_iter()
+            .map(|a| Ok(convert::record(a)?.0))
+            .collect()
+    }
+
+    /// Events whose kind matches `kind`, the most recent `limit`, oldest first.
+    pub async fn events(&self, kind: Option<&str>, limit: Option<usize>) -> Result<Vec<Event>> {
+        let response = self
+            .conn
+            .artifacts()
+            .events(unary(pb::EventsRequest {
+                kind: kind.map(str::to_owned),
+                limit: limit.map_or(0, |l| l.min(MAX_LIST as usize) as u32),
+            }))
+            .await?
+            .into_inner();
+        response
+            .events
+            .into_iter()
+            .map(convert::event_from)
+            .collect()
+    }
+
+    /// The agent's version and store figures.
+    pub async fn info(&self) -> Result<(String, Figures)> {
+        let info = self
+            .conn
+            .agent()
+            .info(unary(pb::InfoRequest {}))
+            .await?
+            .into_inner();
+        let f = info.figures.unwrap_or_default();
+        Ok((
+            info.version,
+            Figures {
+                artifacts: f.artifacts,
+                versions: f.versions,
+                logical_bytes: f.logical_bytes,
+                stored_bytes: f.stored_bytes,
+            },
+        ))
+    }
+
+    /// Uploads what `reader` yields as a new version of `key`. The content is cut into chunks
+    /// here; only the chunks the agent lacks are compressed and sent.
+    pub async fn upload<R: Read + Send + 'static>(
+        &self,
+        key: &ArtifactKey,
+        reader: R,
+        progress: Option<Progress>,
+    ) -> Result<Uploaded> {
+        let mut session = UploadSession::begin(&self.conn, key).await?;
+        let params = ChunkerParams::new(session.avg_chunk)
+            .map_err(|e| Error::Protocol(format!("the agent's chunk size: {e}")))?;
+        let level = session.zstd_level;
+        let (batches_tx, batches_rx) = mpsc::channel(2);
+        let cutter = tokio::task::spawn_blocking(move || cut(reader, params, batches_tx, progress));
+        let sent = session
+            .offer_all(batches_rx, |batch, missing| compress(batch, missing, level))
+            .await;
+        // The cutter's own error (the file could not be read) explains a failed upload best.
+        let digests = cutter
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        let (chunks, chunks_sent, bytes_sent) = sent?;
+        let record = session.commit(digests).await?;
+        Ok(Uploaded {
+            record,
+            chunks,
+            chunks_sent,
+            bytes_sent,
+        })
+    }
+
+    /// Copies the artifact `selector` means from this agent to `dst`, under the same stack,
+    /// task and name (as a new version there). Only the chunks `dst` lacks are fetched from
+    /// here and sent on.
+    pub async fn copy_to(&self, dst: &Remote, selector: &Selector) -> Result<Uploaded> {
+        let header = self
+            .conn
+            .artifacts()
+            .describe(unary(convert::selector(selector)))
+            .await?
+            .into_inner();
+        let (record, _) = convert::record(
+            header
+                .artifact
+                .ok_or_else(|| Error::Protocol("describe answered without an artifact".into()))?,
+        )?;
+        let refs = header
+            .chunks
+            .iter()
+            .map(convert::chunk_ref_from)
+            .collect::<Result<Vec<_>>>()?;
+        let digests = convert::digests(&header.sha256, &header.blake3)?;
+        let mut session = UploadSession::begin(&dst.conn, &record.key()?).await?;
+        let (batches_tx, batches_rx) = mpsc::channel(2);
+        let feeder = tokio::spawn(async move {
+            for chunk_refs in refs.chunks(MAX_BATCH) {
+                let batch = Batch {
+                    refs: chunk_refs.to_vec(),
+                    data: Vec::new(),
+                };
+                if batches_tx.send(Ok(batch)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let source = self.conn.clone();
+        let sent = session
+            .offer_all(batches_rx, move |batch, missing| {
+                let source = source.clone();
+                async move { fetch(&source, &batch, &missing).await }
+            })
+            .await;
+        feeder.abort();
+        let (chunks, chunks_sent, bytes_sent) = sent?;
+        let record = session.commit((header.length, digests)).await?;
+        Ok(Uploaded {
+            record,
+            chunks,
+            chunks_sent,
+            bytes_sent,
+        })
+    }
+
+    /// Downloads the artifact `selector` means to `target` (a file, or an existing directory
+    /// to put it in under its name): each chunk and the whole content are verified, the bytes
+    /// go to a temporary file renamed into place only when every check passed, and then the
+    /// agent counts the download.
+    pub async fn download(
+        &self,
+        selector: &Selector,
+        target: &Path,
+        progress: Option<Progress>,
+    ) -> Result<Downloaded> {
+        let mut stream = self
+            .conn
+            .artifacts()
+            .download(convert::selector(selector))
+            .await?
+            .into_inner();
+        let header = match next_message(&mut stream).await? {
+            Some(pb::DownloadResponse {
+                step: Some(pb::download_response::Step::Header(header)),
+            }) => header,
+            _ => {
+                return Err(Error::Protocol(
+                    "a download must start with its header".into(),
+                ));
+            }
+        };
+        let (record, _) = convert::record(
+            header
+                .artifact
+                .ok_or_else(|| Error::Protocol("download header without an artifact".into()))?,
+        )?;
+        let refs = header
+            .chunks
+            .iter()
+            .map(convert::chunk_ref_from)
+            .collect::<Result<Vec<_>>>()?;
+        let digests = convert::digests(&header.sha256, &header.blake3)?;
+        let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
+        if total != header.length || refs.len() > sloth_cas::MAX_RECEIVED_CHUNKS {
+            return Err(Error::Protocol(format!(
+                "the download header's chunks add up to {total} bytes, it says {}",
+                header.length
+            )));
+        }
+        let path = if target.is_dir() {
+            target.join(&record.name)
+        } else {
+            target.to_path_buf()
+        };
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let output = |e: std::io::Error| {
+            Error::Engine(sloth_engine::Error::Output {
+                path: path.clone(),
+                source: e,
+            })
+        };
+        let tmp = tokio::task::block_in_place(|| {
+            tempfile::Builder::new()
+                .prefix(".sloth-download-")
+                .tempfile_in(&dir)
+        })
+        .map_err(output)?;
+        let file = tmp.as_file().try_clone().map_err(output)?;
+
+        // Frames are checked against the expected chunk, decoded and verified on the blocking
+        // pool (several at once, results in order), then written and hashed on a writer thread.
+        let (chunks_tx, mut chunks_rx) = mpsc::channel::<Bytes>(32);
+        let writer = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let mut file = file;
+            let mut hasher = ContentHasher::default();
+            while let Some(chunk) = chunks_rx.blocking_recv() {
+                hasher.update(&chunk);
+                file.write_all(&chunk)?;
+                if let Some(progress) = &progress {
+                    progress(chunk.len() as u64);
+                }
+            }
+            file.sync_all()?;
+            Ok::<_, std::io::Error>((hasher.len(), hasher.finish()))
+        });
+        let received = std::sync::atomic::AtomicU64::new(0);
+        let expected = std::sync::Mutex::new(refs.into_iter());
+        let frames = futures::stream::unfold(stream, |mut stream| async move {
+            match next_message(&mut stream).await {
+                Ok(Some(pb::DownloadResponse {
+                    step: Some(pb::download_response::Step::Frames(frames)),
+                })) => Some((Ok(frames.frames), stream)),
+                Ok(None) => None,
+                Ok(Some(_)) => Some((
+                    Err(Error::Protocol("unexpected message in a download".into())),
+                    stream,
+                )),
+                Err(e) => Some((Err(e), stream)),
+            }
+        })
+        .map_ok(|frames| futures::stream::iter(frames.into_iter().map(Ok)))
+        .try_flatten()
+        .map(|frame: Result<pb::Frame>| {
+            let frame = frame?;
+            let Some(expected) = expected.lock().unwrap_or_else(|e| e.into_inner()).next() else {
+                return Err(Error::Protocol(
+                    "the agent sent more chunks than the header lists".into(),
+                ));
+            };
+            if frame.id.as_ref() != expected.id.as_bytes() {
+                return Err(Error::Protocol(format!(
+                    "the agent sent chunk {} where {} was expected",
+                    hex::encode(&frame.id),
+                    expected.id
+                )));
+            }
+            received.fetch_add(
+                frame.data.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            Ok((expected, frame.data))
+        })
+        .map(|item| async move {
+            let (expected, data) = item?;
+            tokio::task::spawn_blocking(move || decode_checked(expected, &data))
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        })
+        .buffered(2 * cores());
+        // Boxed so that it can be dropped (ending the call) before waiting for the writer.
+        let mut frames = Box::pin(frames);
+        let mut failed = None;
+        while let Some(chunk) = frames.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    if chunks_tx.send(chunk).await.is_err() {
+                        break; // the writer failed and says why
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(frames);
+        drop(chunks_tx);
+        let written = writer
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (len, got) = written.map_err(output)?;
+        if len != header.length {
+            return Err(Error::Protocol(format!(
+                "the download ended after {len} of {} bytes",
+                header.length
+            )));
+        }
+        if got != digests {
+            return Err(Error::Cas(sloth_cas::Error::DigestMismatch {
+                manifest: record.manifest,
+                algorithm: if got.sha256 != digests.sha256 {
+                    "sha256"
+                } else {
+                    "blake3"
+                },
+            }));
+        }
+        std::fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .map_err(output)?;
+        tmp.persist(&path).map_err(|e| output(e.error))?;
+        self.conn
+            .artifacts()
+            .confirm_download(unary(pb::Selector {
+                name: record.name.clone(),
+                stack: Some(record.stack.clone()),
+                task: Some(record.task.clone()),
+                version: Some(record.version),
+            }))
+            .await?;
+        Ok(Downloaded {
+            record,
+            path,
+            bytes_received: received.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> Result<Option<T>> {
+    match tokio::time::timeout(IDLE_TIMEOUT, stream.message()).await {
+        Err(_) => Err(Error::Remote(format!(
+            "the agent sent nothing for {IDLE_TIMEOUT:?}"
+        ))),
+        Ok(result) => Ok(result?),
+    }
+}
+
+fn decode_checked(expected: ChunkRef, data: &[u8]) -> Result<Bytes> {
+    let chunk = frame::decode(&expected.id, data)?;
+    if chunk.len() != expected.len as usize {
+        return Err(Error::Cas(sloth_cas::Error::CorruptChunk {
+            id: expected.id,
+            reason: format!("{} bytes, the header says {}", chunk.len(), expected.len),
+        }));
+    }
+    Ok(chunk)
+}
+
+/// Chunks offered together, with their bytes when they are at hand (a local file).
+struct Batch {
+    refs: Vec<ChunkRef>,
+    data: Vec<Bytes>,
+}
+
+/// Raw bytes per batch: bounds what waits for the agent's answer.
+const BATCH_BYTES: usize = 8 << 20;
+
+/// Cuts `reader` into chunks, hashes them and sends them in batches; returns the content's
+/// length and digests.
+fn cut<R: Read>(
+    reader: R,
+    params: ChunkerParams,
+    batches: mpsc::Sender<Result<Batch>>,
+    progress: Option<Progress>,
+) -> Result<(u64, ContentDigests)> {
+    let (digest_tx, digest_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
+    let digester = std::thread::spawn(move || {
+        let mut hasher = ContentHasher::default();
+        for chunk in digest_rx {
+            hasher.update(&chunk);
+        }
+        (hasher.len(), hasher.finish())
+    });
+    let mut batch = Batch {
+        refs: Vec::new(),
+        data: Vec::new(),
+    };
+    let mut batch_bytes = 0;
+    let mut result = Ok(());
+    for chunk in Chunker::new(reader, params) {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                result = Err(Error::Cas(sloth_cas::Error::Input(e)));
+                break;
+            }
+        };
+        if let Some(progress) = &progress {
+            progress(chunk.len() as u64);
+        }
+        if digest_tx.send(chunk.clone()).is_err() {
+            break;
+        }
+        batch.refs.push(ChunkRef {
+            id: ChunkId::digest(&chunk),
+            len: chunk.len() as u32,
+        });
+        batch_bytes += chunk.len();
+        batch.data.push(chunk);
+        if batch.refs.len() == MAX_BATCH || batch_bytes >= BATCH_BYTES {
+            batch_bytes = 0;
+            let full = std::mem::replace(
+                &mut batch,
+                Batch {
+                    refs: Vec::new(),
+                    data: Vec::new(),
+                },
+            );
+            if batches.blocking_send(Ok(full)).is_err() {
+                break; // the upload failed; it says why
+            }
+        }
+    }
+    drop(digest_tx);
+    let digests = digester
+        .join()
+        .map_err(|_| Error::Io(std::io::Error::other("the digest thread panicked")))?;
+    result?;
+    if !batch.refs.is_empty() {
+        let _ = batches.blocking_send(Ok(batch));
+    }
+    Ok(digests)
+}
+
+/// The frames of a local batch's missing chunks, compressed on the blocking pool.
+async fn compress(batch: Arc<Batch>, missing: Vec<u32>, level: i32) -> Result<Vec<pb::Frame>> {
+    futures::stream::iter(missing)
+        .map(|i| {
+            let batch = Arc::clone(&batch);
+            async move {
+                let i = i as usize;
+                let id = batch.refs[i].id;
+                let data =
+                    tokio::task::spawn_blocking(move || frame::encode(&batch.data[i], level))
+                        .await
+                        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+                Ok(pb::Frame {
+                    id: Bytes::copy_from_slice(id.as_bytes()),
+                    data,
+                })
+            }
+        })
+        .buffered(2 * cores())
+        .try_collect()
+        .await
+}
+
+/// The stored frames of a batch's missing chunks, fetched from another agent.
+async fn fetch(source: &Connection, batch: &Batch, missing: &[u32]) -> Result<Vec<pb::Frame>> {
+    let ids: Vec<Bytes> = missing
+        .iter()
+        .map(|&i| Bytes::copy_from_slice(batch.refs[i as usize].id.as_bytes()))
+        .collect();
+    let mut stream = source
+        .artifacts()
+        .get_chunks(pb::GetChunksRequest { ids: ids.clone() })
+        .await?
+        .into_inner();
+    let mut frames = Vec::with_capacity(ids.len());
+    while let Some(message) = next_message(&mut stream).await? {
+        frames.extend(message.frames);
+    }
+    if frames.len() != ids.len() || frames.iter().zip(&ids).any(|(f, id)| f.id != *id) {
+        return Err(Error::Protocol(
+            "the source agent sent other chunks than asked for".into(),
+        ));
+    }
+    Ok(frames)
+}
+
+/// The client's half of one upload conversation (see `UploadRequest` in `artifacts.proto`).
+struct UploadSession {
+    requests: mpsc::Sender<pb::UploadRequest>,
+    responses: tonic::Streaming<pb::UploadResponse>,
+    avg_chunk: u32,
+    zstd_level: i32,
+}
+
+fn step(step: pb::upload_request::Step) -> pb::UploadRequest {
+    pb::UploadRequest { step: Some(step) }
+}
+
+impl UploadSession {
+    async fn begin(conn: &Connection, key: &ArtifactKey) -> Result<Self> {
+        let (requests, rx) = mpsc::channel(OFFER_WINDOW * 2);
+        requests
+            .send(step(pb::upload_request::Step::Begin(pb::Begin {
+                name: key.name.to_string(),
+                stack: Some(key.stack.to_string()),
+                task: Some(key.task.to_string()),
+            })))
+            .await
+            .map_err(|_| Error::Protocol("upload stream closed".into()))?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request.set_timeout(CALL_TIMEOUT);
+        let mut responses = conn.artifacts().upload(request).await?.into_inner();
+        let ready = match next_message(&mut responses).await? {
+            Some(pb::UploadResponse {
+                step: Some(pb::upload_response::Step::Ready(ready)),
+            }) => ready,
+            _ => {
+                return Err(Error::Protocol(
+                    "the agent did not answer Begin with Ready".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            requests,
+            responses,
+            avg_chunk: ready.avg_chunk,
+            zstd_level: ready.zstd_level,
+        })
+    }
+
+    async fn send(&self, request: pb::UploadRequest) -> Result<()> {
+        // A closed stream means the agent ended the call; its status comes with the next read.
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| Error::Protocol("the agent closed the upload".into()))
+    }
+
+    /// Offers every batch, keeping up to [`OFFER_WINDOW`] unanswered, and sends the frames
+    /// `frames_for` makes for each batch's missing chunks. Returns (chunks, chunks sent,
+    /// frame bytes sent).
+    async fn offer_all<F, Fut>(
+        &mut self,
+        mut batches: mpsc::Receiver<Result<Batch>>,
+        frames_for: F,
+    ) -> Result<(u64, u64, u64)>
+    where
+        F: Fn(Arc<Batch>, Vec<u32>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<pb::Frame>>>,
+    {
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Arc<Batch>>(OFFER_WINDOW);
+        let requests = self.requests.clone();
+        let offerer = async move {
+            while let Some(batch) = batches.recv().await {
+                let batch = Arc::new(batch?);
+                let offer = pb::Offer {
+                    chunks: batch.refs.iter().map(convert::chunk_ref).collect(),
+                };
+                if requests
+                    .send(step(pb::upload_request::Step::Offer(offer)))
+                    .await
+                    .is_err()
+                    || pending_tx.send(batch).await.is_err()
+                {
+                    break; // the other half failed and says why
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        let answerer = async {
+            let (mut chunks, mut sent, mut bytes) = (0u64, 0u64, 0u64);
+            while let Some(batch) = pending_rx.recv().await {
+                let missing = match next_message(&mut self.responses).await? {
+                    Some(pb::UploadResponse {
+                        step: Some(pb::upload_response::Step::Missing(m)),
+                    }) => m.indexes,
+                    None => return Err(Error::Protocol("the agent ended the upload early".into())),
+                    Some(_) => {
+                        return Err(Error::Protocol(
+                            "expected the agent's Missing answer".into(),
+                        ));
+                    }
+                };
+                if missing.windows(2).any(|w| w[0] >= w[1])
+                    || missing
+                        .last()
+                        .is_some_and(|&i| i as usize >= batch.refs.len())
+                {
+                    return Err(Error::Protocol(
+                        "the agent asked for chunks it was not offered".into(),
+                    ));
+                }
+                chunks += batch.refs.len() as u64;
+                sent += missing.len() as u64;
+                if missing.is_empty() {
+                    continue;
+                }
+                let frames = frames_for(Arc::clone(&batch), missing).await?;
+                let mut message = pb::Frames::default();
+                let mut message_bytes = 0;
+                for frame in frames {
+                    bytes += frame.data.len() as u64;
+                    message_bytes += frame.data.len();
+                    message.frames.push(frame);
+                    if message_bytes >= FRAMES_BYTES {
+                        message_bytes = 0;
+                        self.send(step(pb::upload_request::Step::Frames(std::mem::take(
+                            &mut message,
+                        ))))
+                        .await?;
+                    }
+                }
+                if !message.frames.is_empty() {
+                    self.send(step(pb::upload_request::Step::Frames(message)))
+                        .await?;
+                }
+            }
+            Ok((chunks, sent, bytes))
+        };
+        let (_, counts) = futures::try_join!(offerer, answerer)?;
+        Ok(counts)
+    }
+
+    async fn commit(mut self, (length, digests): (u64, ContentDigests)) -> Result<ArtifactRecord> {
+        self.send(step(pb::upload_request::Step::Commit(pb::Commit {
+            length,
+            sha256: Bytes::copy_from_slice(&digests.sha256),
+            blake3: Bytes::copy_from_slice(&digests.blake3),
+        })))
+        .await?;
+        match next_message(&mut self.responses).await? {
+            Some(pb::UploadResponse {
+                step: Some(pb::upload_response::Step::Committed(c)),
+            }) => {
+                let artifact = c
+                    .artifact
+                    .ok_or_else(|| Error::Protocol("commit answered without an artifact".into()))?;
+                Ok(convert::record(artifact)?.0)
+            }
+            _ => Err(Error::Protocol(
+                "the agent did not confirm the commit".into(),
+            )),
+        }
+    }
+}
+
+/// A connection to the master.
+#[derive(Debug, Clone)]
+pub struct Master {
+    addr: String,
+    conn: Connection,
+}
+
+/// An agent as the master knows it.
+#[derive(Debug, Clone)]
+pub struct AgentEntry {
+    /// Its name.
+    pub name: String,
+    /// `host:port` to dial.
+    pub address: String,
+    /// Its sloth-runner version.
+    pub version: String,
+    /// Whether it serves TLS.
+    pub tls: bool,
+    /// Its store figures at the last heartbeat.
+    pub figures: Figures,
+    /// Unix seconds.
+    pub registered_at: i64,
+    /// Unix seconds.
+    pub last_heartbeat: i64,
+    /// `active` or `inactive`.
+    pub status: String,
+}
+
+impl Master {
+    /// Connects to the master at `link.addr`.
+    pub async fn connect(link: &Link) -> Result<Self> {
+        Ok(Self {
+            addr: link.addr.clone(),
+            conn: Connection::open("master", link).await?,
+        })
+    }
+
+    /// Every registered agent, by name.
+    pub async fn list(&self) -> Result<Vec<AgentEntry>> {
+        let response = self
+            .conn
+            .registry()
+            .list_agents(unary(reg::ListAgentsRequest {}))
+            .await?
+            .into_inner();
+        Ok(response.agents.into_iter().map(entry).collect())
+    }
+
+    /// The agent called `name`.
+    pub async fn get(&self, name: &str) -> Result<AgentEntry> {
+        match self
+            .conn
+            .registry()
+            .get_agent(unary(reg::GetAgentRequest { name: name.into() }))
+            .await
+        {
+            Ok(response) => Ok(entry(response.into_inner())),
+            Err(status) if status.code() == tonic::Code::NotFound => Err(Error::UnknownAgent {
+                name: name.into(),
+                master: self.addr.clone(),
+            }),
+            Err(status) => Err(status.into()),
+        }
+    }
+}
+
+fn entry(r: reg::AgentRecord) -> AgentEntry {
+    let f = r.figures.unwrap_or_default();
+    AgentEntry {
+        name: r.name,
+        address: r.address,
+        version: r.version,
+        tls: r.tls,
+        figures: Figures {
+            artifacts: f.artifacts,
+            versions: f.versions,
+            logical_bytes: f.logical_bytes,
+            stored_bytes: f.stored_bytes,
+        },
+        registered_at: r.registered_at,
+        last_heartbeat: r.last_heartbeat,
+        status: r.status,
+    }
+}

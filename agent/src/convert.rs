@@ -1,0 +1,131 @@
+//! Engine types ↔ protocol messages. Everything that comes off the wire is checked here.
+
+use sloth_cas::{ChunkId, ChunkRef, ContentDigests, ManifestId};
+use sloth_engine::{ArtifactId, ArtifactRecord, Event, Selector};
+use sloth_proto::artifacts as pb;
+
+use crate::{Error, Result};
+
+pub(crate) fn artifact(record: &ArtifactRecord, layout_path: Option<String>) -> pb::Artifact {
+    pb::Artifact {
+        id: record.id.as_u128().to_be_bytes().to_vec().into(),
+        name: record.name.clone(),
+        stack: record.stack.clone(),
+        task: record.task.clone(),
+        version: record.version,
+        size: record.size,
+        checksum: record.checksum.clone(),
+        manifest: record.manifest.as_bytes().to_vec().into(),
+        stored_bytes: record.stored_bytes,
+        created_at: record.created_at,
+        modified_at: record.modified_at,
+        download_count: record.download_count,
+        last_download_at: record.last_download_at,
+        layout_path,
+    }
+}
+
+/// A record as the agent sent it, and the layout path it reported.
+pub(crate) fn record(a: pb::Artifact) -> Result<(ArtifactRecord, Option<String>)> {
+    let id = <[u8; 16]>::try_from(a.id.as_ref())
+        .map_err(|_| Error::Protocol(format!("artifact id of {} bytes", a.id.len())))?;
+    let manifest = ManifestId::from_slice(&a.manifest)
+        .ok_or_else(|| Error::Protocol("malformed manifest id".into()))?;
+    let record = ArtifactRecord {
+        id: ArtifactId::from_u128(u128::from_be_bytes(id)),
+        name: a.name,
+        stack: a.stack,
+        task: a.task,
+        version: a.version,
+        size: a.size,
+        checksum: a.checksum,
+        manifest,
+        stored_bytes: a.stored_bytes,
+        created_at: a.created_at,
+        modified_at: a.modified_at,
+        download_count: a.download_count,
+        last_download_at: a.last_download_at,
+    };
+    // The names are shown and used as file names: hold them to the engine's rules.
+    record.key()?;
+    Ok((record, a.layout_path))
+}
+
+pub(crate) fn event(e: &Event) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        time: e.time,
+        kind: e.kind.clone(),
+        agent: e.agent.clone(),
+        principal: e.principal.clone(),
+        artifact_id: e.artifact_id.as_u128().to_be_bytes().to_vec().into(),
+        stack: e.stack.clone(),
+        task: e.task.clone(),
+        name: e.name.clone(),
+        version: e.version,
+        size: e.size,
+    }
+}
+
+pub(crate) fn event_from(e: pb::Event) -> Result<Event> {
+    let id = <[u8; 16]>::try_from(e.artifact_id.as_ref())
+        .map_err(|_| Error::Protocol("malformed artifact id in an event".into()))?;
+    Ok(Event {
+        seq: e.seq,
+        time: e.time,
+        kind: e.kind,
+        agent: e.agent,
+        principal: e.principal,
+        artifact_id: ArtifactId::from_u128(u128::from_be_bytes(id)),
+        stack: e.stack,
+        task: e.task,
+        name: e.name,
+        version: e.version,
+        size: e.size,
+    })
+}
+
+pub(crate) fn selector(s: &Selector) -> pb::Selector {
+    pb::Selector {
+        name: s.name.clone(),
+        stack: s.stack.clone(),
+        task: s.task.clone(),
+        version: s.version,
+    }
+}
+
+pub(crate) fn selector_from(s: pb::Selector) -> Selector {
+    Selector {
+        name: s.name,
+        stack: s.stack,
+        task: s.task,
+        version: s.version,
+    }
+}
+
+pub(crate) fn chunk_ref(c: &ChunkRef) -> pb::ChunkRef {
+    pb::ChunkRef {
+        id: c.id.as_bytes().to_vec().into(),
+        len: c.len,
+    }
+}
+
+pub(crate) fn chunk_ref_from(c: &pb::ChunkRef) -> Result<ChunkRef> {
+    Ok(ChunkRef {
+        id: chunk_id(&c.id)?,
+        len: c.len,
+    })
+}
+
+pub(crate) fn chunk_id(bytes: &[u8]) -> Result<ChunkId> {
+    ChunkId::from_slice(bytes)
+        .ok_or_else(|| Error::Protocol(format!("chunk id of {} bytes", bytes.len())))
+}
+
+pub(crate) fn digests(sha256: &[u8], blake3: &[u8]) -> Result<ContentDigests> {
+    let sha256 = <[u8; 32]>::try_from(sha256)
+        .map_err(|_| Error::Protocol("SHA-256 digest is not 32 bytes".into()))?;
+    let blake3 = <[u8; 32]>::try_from(blake3)
+        .map_err(|_| Error::Protocol("BLAKE3 digest is not 32 bytes".into()))?;
+    Ok(ContentDigests { blake3, sha256 })
+}

@@ -1,0 +1,117 @@
+use tonic::{Code, Status};
+
+/// What went wrong talking to an agent or the master, in the user's terms.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The agent or master could not be reached.
+    #[error("{what} at {addr} is not reachable: {reason}")]
+    Unreachable {
+        /// `agent 'NAME'` or `master`.
+        what: String,
+        /// The address dialed.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// The master does not know an agent of that name.
+    #[error("agent '{name}' is not registered with the master at {master}")]
+    UnknownAgent {
+        /// The agent name.
+        name: String,
+        /// The master's address.
+        master: String,
+    },
+
+    /// The agent's credentials check failed (`Unauthenticated`).
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+
+    /// The credentials lack the scope the call needs (`PermissionDenied`).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+
+    /// The agent answered with an error.
+    #[error("{0}")]
+    Remote(String),
+
+    /// The peer broke the protocol (a message out of place, a malformed field).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+
+    /// Local configuration (certificates, token files) is unusable.
+    #[error("{0}")]
+    Config(String),
+
+    /// The local catalog failed (agent side, or a local file on the client).
+    #[error(transparent)]
+    Engine(#[from] sloth_engine::Error),
+
+    /// The chunk store or a verification failed.
+    #[error(transparent)]
+    Cas(#[from] sloth_cas::Error),
+
+    /// A local I/O error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::Unauthenticated => Error::Unauthenticated(message),
+            Code::PermissionDenied => Error::PermissionDenied(message),
+            Code::Unavailable => Error::Remote(format!("agent unavailable: {message}")),
+            Code::DeadlineExceeded => Error::Remote(format!("deadline exceeded: {message}")),
+            _ if message.is_empty() => Error::Remote(format!("{:?}", status.code())),
+            _ => Error::Remote(message),
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The gRPC status an engine error is answered with: the message is the engine's own, so the
+/// remote CLI prints what the local one would.
+pub(crate) fn status(e: &sloth_engine::Error) -> Status {
+    use sloth_engine::Error as E;
+    let message = chain(e);
+    match e {
+        E::InvalidName { .. } | E::BadInput { .. } => Status::invalid_argument(message),
+        E::NotFound { .. } => Status::not_found(message),
+        E::Ambiguous { .. } => Status::failed_precondition(message),
+        E::Damaged { .. } => Status::data_loss(message),
+        E::Store(c) => cas_status(c, message),
+        _ => Status::internal(message),
+    }
+}
+
+pub(crate) fn cas_status(e: &sloth_cas::Error, message: String) -> Status {
+    use sloth_cas::Error as C;
+    match e {
+        C::Rejected(_)
+        | C::MalformedFrame(_)
+        | C::CorruptChunk { .. }
+        | C::DigestMismatch { .. } => Status::invalid_argument(message),
+        C::MissingChunk { .. } => Status::data_loss(message),
+        _ => Status::internal(message),
+    }
+}
+
+/// An error and its causes, `: `-separated, skipping causes the text already shows.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,734 @@
+//! An agent: its engine served over tonic, with TLS, tokens, limits and heartbeats.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use sloth_cas::ChunkStore;
+use sloth_engine::{ArtifactKey, ArtifactRecord, Engine, ListQuery, Name, Selector};
+use sloth_proto::artifacts::{self as pb, agent_server, artifacts_server};
+use sloth_proto::registry as reg;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::Server;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{AuthLayer, Tokens, principal};
+use crate::client::{Connection, Link};
+use crate::error::{cas_status, chain, status};
+use crate::limits::*;
+use crate::tls::ServerTls;
+use crate::{Error, Result, convert};
+
+/// How an agent serves.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The agent's name, recorded in events and registered with the master.
+    pub name: String,
+    /// Address to listen on (port 0: any free port).
+    pub bind: SocketAddr,
+    /// Address clients should dial, sent to the master (default: the bound address, with the
+    /// host name when bound to every interface).
+    pub advertise: Option<String>,
+    /// The master to heartbeat to.
+    pub master: Option<Link>,
+    /// Seconds between heartbeats.
+    pub heartbeat: Duration,
+    /// TLS, when given.
+    pub tls: Option<ServerTls>,
+    /// Bearer tokens, when given.
+    pub tokens: Option<Tokens>,
+    /// Listen beyond loopback without TLS or tokens.
+    pub insecure: bool,
+    /// How long a shutdown waits for calls in flight before cutting them off.
+    pub grace: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for an agent called `name` on `bind`.
+    pub fn new(name: impl Into<String>, bind: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            bind,
+            advertise: None,
+            master: None,
+            heartbeat: Duration::from_secs(5),
+            tls: None,
+            tokens: None,
+            insecure: false,
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Refuses to expose an unprotected server beyond loopback unless told `--insecure`.
+pub(crate) fn check_exposure(
+    bind: SocketAddr,
+    tls: bool,
+    tokens: bool,
+    insecure: bool,
+) -> Result<()> {
+    if !bind.ip().is_loopback() && !tls && !tokens && !insecure {
+        return Err(Error::Config(format!(
+            "refusing to listen on {bind} with neither TLS (--tls-cert/--tls-key) nor tokens \
+             (--tokens): anyone on the network could read and delete artifacts. Bind to \
+             127.0.0.1, add TLS or tokens, or pass --insecure"
+        )));
+    }
+    Ok(())
+}
+
+/// A listening socket, bound before serving so the caller knows the port.
+#[derive(Debug)]
+pub struct Bound {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl Bound {
+    /// Binds `addr`.
+    pub async fn bind(addr: SocketAddr) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+        let addr = listener.local_addr()?;
+        Ok(Self { listener, addr })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn into_listener(self) -> tokio::net::TcpListener {
+        self.listener
+    }
+}
+
+/// A tonic server builder with the limits every sloth server runs with.
+pub(crate) fn builder(tls: Option<&ServerTls>) -> Result<Server<tower::layer::util::Identity>> {
+    let mut server = Server::builder()
+        .concurrency_limit_per_connection(MAX_CONCURRENT_CALLS)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW * 2)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls.config()?)
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    }
+    Ok(server)
+}
+
+/// HTTP/2 flow-control window: the 64 KiB default caps a stream far below disk speed.
+pub(crate) const WINDOW: u32 = 8 << 20;
+
+/// Serves `engine` on `bound` until `shutdown` completes; then stops accepting calls, lets
+/// those in flight finish for up to `config.grace`, and returns.
+pub async fn serve(
+    engine: Engine,
+    config: AgentConfig,
+    bound: Bound,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    check_exposure(
+        bound.addr,
+        config.tls.is_some(),
+        config.tokens.is_some(),
+        config.insecure,
+    )?;
+    let engine = Arc::new(engine);
+    let artifacts = artifacts_server::ArtifactsServer::new(ArtifactsService {
+        engine: Arc::clone(&engine),
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
+    let info = agent_server::AgentServer::new(InfoService {
+        engine: Arc::clone(&engine),
+        name: config.name.clone(),
+    });
+    let heartbeat = config.master.clone().map(|master| {
+        tokio::spawn(heartbeats(
+            Arc::clone(&engine),
+            master,
+            config.name.clone(),
+            advertised(&config, bound.addr),
+            config.tls.is_some(),
+            config.heartbeat,
+        ))
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = builder(config.tls.as_ref())?
+        .layer(AuthLayer::new(config.tokens.clone()))
+        .add_service(artifacts)
+        .add_service(info)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(bound.listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = std::pin::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        () = shutdown => {
+            tracing::info!("shutting down: finishing calls in flight (up to {:?})", config.grace);
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(config.grace, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("calls still running after {:?}: cut off; uncommitted uploads leave nothing visible", config.grace);
+                    Ok(())
+                }
+            }
+        }
+    };
+    if let Some(task) = heartbeat {
+        task.abort();
+    }
+    result.map_err(|e| Error::Remote(format!("server failed: {}", chain(&e))))?;
+    // The engine's last clones are dropped with the server: flush what it holds.
+    engine.cas().flush().await?;
+    Ok(())
+}
+
+/// The address sent to the master.
+fn advertised(config: &AgentConfig, bound: SocketAddr) -> String {
+    if let Some(addr) = &config.advertise {
+        return addr.clone();
+    }
+    if bound.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        return format!("{host}:{}", bound.port());
+    }
+    bound.to_string()
+}
+
+async fn heartbeats(
+    engine: Arc<Engine>,
+    master: Link,
+    name: String,
+    address: String,
+    tls: bool,
+    interval: Duration,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        let beat = async {
+            let figures = figures(&engine)
+                .await
+                .map_err(|e| Error::Remote(chain(&e)))?;
+            let conn = Connection::open("master", &master).await?;
+            conn.registry()
+                .heartbeat(reg::HeartbeatRequest {
+                    name: name.clone(),
+                    address: address.clone(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    tls,
+                    figures: Some(reg::StoreFigures {
+                        artifacts: figures.artifacts,
+                        versions: figures.versions,
+                        logical_bytes: figures.logical_bytes,
+                        stored_bytes: figures.stored_bytes,
+                    }),
+                    interval_secs: interval.as_secs().max(1) as u32,
+                })
+                .await?;
+            Ok::<_, Error>(())
+        };
+        match beat.await {
+            Ok(()) if failing => {
+                tracing::info!("registered with the master at {} again", master.addr);
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(
+                    "heartbeat to the master at {} failed (retrying every {interval:?}): {}",
+                    master.addr,
+                    chain(&e)
+                );
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+async fn figures(engine: &Engine) -> Result<pb::StoreFigures> {
+    let usage = engine.stack_usage()?;
+    let stored = engine.cas().stats().await?.stored_bytes;
+    Ok(pb::StoreFigures {
+        artifacts: usage.iter().map(|u| u.artifacts).sum(),
+        versions: usage.iter().map(|u| u.versions).sum(),
+        logical_bytes: usage.iter().map(|u| u.logical_bytes).sum(),
+        stored_bytes: stored,
+    })
+}
+
+struct InfoService {
+    engine: Arc<Engine>,
+    name: String,
+}
+
+#[tonic::async_trait]
+impl agent_server::Agent for InfoService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::AgentInfo>, Status> {
+        let figures = figures(&self.engine)
+            .await
+            .map_err(|e| Status::internal(chain(&e)))?;
+        Ok(Response::new(pb::AgentInfo {
+            name: self.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            figures: Some(figures),
+        }))
+    }
+}
+
+struct ArtifactsService {
+    engine: Arc<Engine>,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn name_arg(what: &'static str, value: &str) -> Result<String, Status> {
+    Name::parse(what, value)
+        .map(|n| n.to_string())
+        .map_err(|e| status(&e))
+}
+
+fn optional_name(what: &'static str, value: Option<String>) -> Result<Option<String>, Status> {
+    value.map(|v| name_arg(what, &v)).transpose()
+}
+
+fn selector_arg(s: pb::Selector) -> Result<Selector, Status> {
+    let s = convert::selector_from(s);
+    name_arg("artifact name", &s.name)?;
+    Ok(Selector {
+        stack: optional_name("stack", s.stack)?,
+        task: optional_name("task", s.task)?,
+        ..s
+    })
+}
+
+fn protocol(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message.into())
+}
+
+impl ArtifactsService {
+    fn resolve(&self, selector: pb::Selector) -> Result<ArtifactRecord, Status> {
+        self.engine
+            .resolve(&selector_arg(selector)?)
+            .map_err(|e| status(&e))
+    }
+
+    /// The record on the wire, with its layout path when it is the newest version.
+    fn artifact(&self, record: &ArtifactRecord, newest: bool) -> pb::Artifact {
+        let path = self
+            .engine
+            .layout_path(record)
+            .filter(|_| newest)
+            .map(|p| p.display().to_string());
+        convert::artifact(record, path)
+    }
+
+    fn newest_version(&self, record: &ArtifactRecord) -> Result<(u32, u32), Status> {
+        let key = record.key().map_err(|e| status(&e))?;
+        let versions = self.engine.versions(&key).map_err(|e| status(&e))?;
+        let newest = versions.last().map_or(record.version, |r| r.version);
+        Ok((newest, versions.len() as u32))
+    }
+
+    async fn header(&self, selector: pb::Selector) -> Result<pb::DownloadHeader, Status> {
+        let record = self.resolve(selector)?;
+        let manifest = self
+            .engine
+            .cas()
+            .manifest(record.manifest)
+            .await
+            .map_err(|e| cas_status(&e, chain(&e)))?;
+        let (newest, _) = self.newest_version(&record)?;
+        Ok(pb::DownloadHeader {
+            artifact: Some(self.artifact(&record, newest == record.version)),
+            chunks: manifest.chunks().iter().map(convert::chunk_ref).collect(),
+            length: manifest.len(),
+            sha256: manifest.digests().sha256.to_vec().into(),
+            blake3: manifest.digests().blake3.to_vec().into(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl artifacts_server::Artifacts for ArtifactsService {
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 || r.limit > MAX_LIST {
+            MAX_LIST
+        } else {
+            r.limit
+        };
+        let records = self
+            .engine
+            .list(&ListQuery {
+                stack: optional_name("stack", r.stack)?,
+                task: optional_name("task", r.task)?,
+                all_versions: r.all_versions,
+                limit: Some(limit as usize),
+            })
+            .map_err(|e| status(&e))?;
+        // Only the newest version of each artifact has a layout path; with every version
+        // listed, a newer version of a listed record is more recent and so also listed.
+        let mut newest = std::collections::HashMap::new();
+        for r in &records {
+            let v = newest
+                .entry((r.stack.as_str(), r.task.as_str(), r.name.as_str()))
+                .or_insert(0);
+            *v = r.version.max(*v);
+        }
+        let artifacts = records
+            .iter()
+            .map(|r| {
+                let is_newest = newest.get(&(r.stack.as_str(), r.task.as_str(), r.name.as_str()))
+                    == Some(&r.version);
+                self.artifact(r, is_newest)
+            })
+            .collect();
+        Ok(Response::new(pb::ListResponse { artifacts }))
+    }
+
+    async fn show(
+        &self,
+        request: Request<pb::Selector>,
+    ) -> Result<Response<pb::ShowResponse>, Status> {
+        let record = self.resolve(request.into_inner())?;
+        let (newest, count) = self.newest_version(&record)?;
+        Ok(Response::new(pb::ShowResponse {
+            artifact: Some(self.artifact(&record, newest == record.version)),
+            newest_version: newest,
+            version_count: count,
+            layout_enabled: self.engine.layout_path(&record).is_some(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::Selector>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let principal = principal(&request);
+        let selector = selector_arg(request.into_inner())?;
+        let deleted = self
+            .engine
+            .delete(&selector, &principal)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeleteResponse {
+            deleted: deleted.iter().map(|r| convert::artifact(r, None)).collect(),
+        }))
+    }
+
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<pb::EventsResponse>, Status> {
+        let r = request.into_inner();
+        if r.kind.as_ref().is_some_and(|k| k.len() > 256) {
+            return Err(protocol("event kind pattern longer than 256 bytes"));
+        }
+        let limit = if r.limit == 0 || r.limit > MAX_LIST {
+            MAX_LIST
+        } else {
+            r.limit
+        };
+        let events = self
+            .engine
+            .events(r.kind.as_deref(), Some(limit as usize))
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::EventsResponse {
+            events: events.iter().map(convert::event).collect(),
+        }))
+    }
+
+    type UploadStream = ResponseStream<pb::UploadResponse>;
+
+    async fn upload(
+        &self,
+        request: Request<Streaming<pb::UploadRequest>>,
+    ) -> Result<Response<Self::UploadStream>, Status> {
+        let principal = principal(&request);
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(OFFER_WINDOW + 1);
+        let engine = Arc::clone(&self.engine);
+        tokio::spawn(async move {
+            let session = upload_session(&engine, &principal, inbound, &tx);
+            let result = match tokio::time::timeout(CALL_TIMEOUT, session).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "the upload took longer than {CALL_TIMEOUT:?}; nothing was stored"
+                ))),
+            };
+            if let Err(status) = result {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type DownloadStream = ResponseStream<pb::DownloadResponse>;
+
+    async fn download(
+        &self,
+        request: Request<pb::Selector>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let header = self.header(request.into_inner()).await?;
+        let ids = header
+            .chunks
+            .iter()
+            .map(|c| convert::chunk_id(&c.id))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let name = header
+            .artifact
+            .as_ref()
+            .map_or_else(String::new, |a| a.name.clone());
+        let first = futures::stream::once(async move {
+            Ok(pb::DownloadResponse {
+                step: Some(pb::download_response::Step::Header(header)),
+            })
+        });
+        let frames = frame_stream(self.engine.cas().clone(), ids, name).map(|frames| {
+            frames.map(|frames| pb::DownloadResponse {
+                step: Some(pb::download_response::Step::Frames(frames)),
+            })
+        });
+        Ok(Response::new(Box::pin(first.chain(frames))))
+    }
+
+    async fn confirm_download(
+        &self,
+        request: Request<pb::Selector>,
+    ) -> Result<Response<pb::ConfirmDownloadResponse>, Status> {
+        let principal = principal(&request);
+        let selector = request.into_inner();
+        if selector.stack.is_none() || selector.task.is_none() || selector.version.is_none() {
+            return Err(protocol(
+                "a download confirmation names stack, task and version",
+            ));
+        }
+        let record = self.resolve(selector)?;
+        self.engine
+            .count_download(&record, &principal)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ConfirmDownloadResponse {}))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<pb::Selector>,
+    ) -> Result<Response<pb::DownloadHeader>, Status> {
+        Ok(Response::new(self.header(request.into_inner()).await?))
+    }
+
+    type GetChunksStream = ResponseStream<pb::Frames>;
+
+    async fn get_chunks(
+        &self,
+        request: Request<pb::GetChunksRequest>,
+    ) -> Result<Response<Self::GetChunksStream>, Status> {
+        let ids = request.into_inner().ids;
+        if ids.len() > MAX_BATCH {
+            return Err(protocol(format!(
+                "{} chunk ids asked for at once; at most {MAX_BATCH}",
+                ids.len()
+            )));
+        }
+        let ids = ids
+            .iter()
+            .map(|id| convert::chunk_id(id))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| protocol(e.to_string()))?;
+        Ok(Response::new(Box::pin(frame_stream(
+            self.engine.cas().clone(),
+            ids,
+            String::new(),
+        ))))
+    }
+}
+
+/// The stored frames of `ids`, in order, packed into messages of about [`FRAMES_BYTES`].
+fn frame_stream(
+    cas: sloth_cas::Cas,
+    ids: Vec<sloth_cas::ChunkId>,
+    artifact: String,
+) -> impl Stream<Item = Result<pb::Frames, Status>> + Send + 'static {
+    let fetched = futures::stream::iter(ids).map(move |id| {
+        let cas = cas.clone();
+        let artifact = artifact.clone();
+        async move {
+            match cas.chunk_store().get(id).await {
+                Ok(Some(data)) => Ok(pb::Frame {
+                    id: id.as_bytes().to_vec().into(),
+                    data,
+                }),
+                Ok(None) if artifact.is_empty() => Err(Status::not_found(format!(
+                    "chunk {id} is not stored on this agent"
+                ))),
+                Ok(None) => Err(Status::data_loss(format!(
+                    "chunk {id} of artifact '{artifact}' is missing from the agent's store"
+                ))),
+                Err(e) => Err(cas_status(&e, chain(&e))),
+            }
+        }
+    });
+    let mut pending = pb::Frames::default();
+    let mut pending_bytes = 0usize;
+    let mut done = false;
+    let mut fetched = Box::pin(fetched.buffered(16));
+    async_stream(move |tx| async move {
+        while !done {
+            match fetched.next().await {
+                Some(Ok(frame)) => {
+                    pending_bytes += frame.data.len();
+                    pending.frames.push(frame);
+                    if pending_bytes < FRAMES_BYTES {
+                        continue;
+                    }
+                }
+                Some(Err(status)) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                None => done = true,
+            }
+            if !pending.frames.is_empty() {
+                pending_bytes = 0;
+                if tx.send(Ok(std::mem::take(&mut pending))).await.is_err() {
+                    return; // the client went away
+                }
+            }
+        }
+    })
+}
+
+/// A stream fed by a task through a small channel, which gives backpressure and stops the
+/// task when the receiver is dropped.
+fn async_stream<T, F, Fut>(f: F) -> impl Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(f(tx));
+    ReceiverStream::new(rx)
+}
+
+/// One upload conversation (see `UploadRequest` in `artifacts.proto`).
+async fn upload_session(
+    engine: &Engine,
+    principal: &str,
+    mut inbound: Streaming<pb::UploadRequest>,
+    tx: &mpsc::Sender<Result<pb::UploadResponse, Status>>,
+) -> Result<(), Status> {
+    use pb::upload_request::Step;
+    let mut next = async || -> Result<Option<Step>, Status> {
+        match tokio::time::timeout(IDLE_TIMEOUT, inbound.message()).await {
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the upload sent nothing for {IDLE_TIMEOUT:?}; nothing was stored"
+            ))),
+            Ok(Err(status)) => Err(status),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Ok(Some(message))) => message
+                .step
+                .map(Some)
+                .ok_or_else(|| protocol("an upload message with no step")),
+        }
+    };
+    let Some(Step::Begin(begin)) = next().await? else {
+        return Err(protocol("an upload must start with Begin"));
+    };
+    let key = ArtifactKey::new(&begin.name, begin.stack.as_deref(), begin.task.as_deref())
+        .map_err(|e| status(&e))?;
+    let ready = pb::UploadResponse {
+        step: Some(pb::upload_response::Step::Ready(pb::Ready {
+            avg_chunk: engine.cas().params().avg(),
+            zstd_level: engine.cas().zstd_level(),
+        })),
+    };
+    if tx.send(Ok(ready)).await.is_err() {
+        return Ok(());
+    }
+    let mut receiver = engine.cas().receive();
+    loop {
+        match next().await? {
+            None => {
+                return Err(Status::cancelled(
+                    "the upload ended before its commit; nothing was stored",
+                ));
+            }
+            Some(Step::Begin(_)) => return Err(protocol("Begin sent twice in one upload")),
+            Some(Step::Offer(offer)) => {
+                if offer.chunks.len() > MAX_BATCH {
+                    return Err(protocol(format!(
+                        "an offer of {} chunks; at most {MAX_BATCH}",
+                        offer.chunks.len()
+                    )));
+                }
+                let refs = offer
+                    .chunks
+                    .iter()
+                    .map(convert::chunk_ref_from)
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(|e| protocol(e.to_string()))?;
+                let missing = receiver
+                    .offer(&refs)
+                    .await
+                    .map_err(|e| cas_status(&e, chain(&e)))?;
+                let answer = pb::UploadResponse {
+                    step: Some(pb::upload_response::Step::Missing(pb::Missing {
+                        indexes: missing,
+                    })),
+                };
+                if tx.send(Ok(answer)).await.is_err() {
+                    return Ok(()); // the client went away
+                }
+            }
+            Some(Step::Frames(frames)) => {
+                let frames = frames
+                    .frames
+                    .into_iter()
+                    .map(|f| Ok((convert::chunk_id(&f.id)?, f.data)))
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(|e| protocol(e.to_string()))?;
+                receiver
+                    .put(frames)
+                    .await
+                    .map_err(|e| cas_status(&e, chain(&e)))?;
+            }
+            Some(Step::Commit(commit)) => {
+                let digests = convert::digests(&commit.sha256, &commit.blake3)
+                    .map_err(|e| protocol(e.to_string()))?;
+                let record = engine
+                    .upload_received(&key, receiver, commit.length, digests, principal)
+                    .await
+                    .map_err(|e| status(&e))?;
+                let path = engine.layout_path(&record).map(|p| p.display().to_string());
+                let answer = pb::UploadResponse {
+                    step: Some(pb::upload_response::Step::Committed(pb::Committed {
+                        artifact: Some(convert::artifact(&record, path)),
+                    })),
+                };
+                let _ = tx.send(Ok(answer)).await;
+                return Ok(());
+            }
+        }
+    }
+}

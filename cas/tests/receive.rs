@@ -1,0 +1,176 @@
+//! Receiving content chunked elsewhere: only missing chunks travel, lies are rejected, an
+//! abandoned receive resumes for free.
+
+mod common;
+
+use bytes::Bytes;
+use common::{random_bytes, read_all, small_chunks, text_bytes};
+use sloth_cas::{Cas, ChunkId, ChunkRef, ContentDigests, Error, frame};
+
+/// What a sender computes: the chunk list and each chunk's frame.
+fn cut(cas: &Cas, data: &[u8]) -> (Vec<ChunkRef>, Vec<Bytes>) {
+    let mut refs = Vec::new();
+    let mut frames = Vec::new();
+    let mut at = 0;
+    for len in cas.params().chunk_lengths(data) {
+        let chunk = &data[at..at + len];
+        at += len;
+        refs.push(ChunkRef {
+            id: ChunkId::digest(chunk),
+            len: len as u32,
+        });
+        frames.push(frame::encode(chunk, 3));
+    }
+    (refs, frames)
+}
+
+/// Offers `data` in batches of 7 and sends what is asked for; returns the frames sent.
+async fn send(cas: &Cas, data: &[u8]) -> sloth_cas::Result<(sloth_cas::ManifestId, usize)> {
+    let (refs, frames) = cut(cas, data);
+    let mut receiver = cas.receive();
+    let mut sent = 0;
+    for (batch, batch_frames) in refs.chunks(7).zip(frames.chunks(7)) {
+        let missing = receiver.offer(batch).await?;
+        let wanted: Vec<_> = missing
+            .iter()
+            .map(|&i| (batch[i as usize].id, batch_frames[i as usize].clone()))
+            .collect();
+        sent += wanted.len();
+        receiver.put(wanted).await?;
+    }
+    let (staged, out) = receiver
+        .finish(data.len() as u64, ContentDigests::of(data), Vec::new())
+        .await?;
+    assert_eq!(out, data, "the verification read-back sees the content");
+    Ok((cas.commit(staged).await?, sent))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn received_content_reads_back_and_dedups() {
+    runtime().block_on(async {
+        let cas = Cas::temporary(small_chunks()).unwrap();
+        let data = text_bytes(1, 300_000);
+        let (id, sent) = send(&cas, &data).await.unwrap();
+        assert_eq!(read_all(&cas, id).await.unwrap(), data);
+        let chunks = cas.manifest(id).await.unwrap().chunks().len();
+        assert!(sent > 0 && sent <= chunks);
+        // The same content again: nothing travels.
+        let (again, sent) = send(&cas, &data).await.unwrap();
+        assert_eq!((again, sent), (id, 0));
+        // Empty content.
+        let (empty, sent) = send(&cas, b"").await.unwrap();
+        assert_eq!(
+            (read_all(&cas, empty).await.unwrap(), sent),
+            (Vec::new(), 0)
+        );
+    });
+}
+
+#[test]
+fn an_abandoned_receive_resumes_with_only_the_rest() {
+    runtime().block_on(async {
+        let cas = Cas::temporary(small_chunks()).unwrap();
+        let data = random_bytes(2, 200_000);
+        let (refs, frames) = cut(&cas, &data);
+        let half = refs.len() / 2;
+        {
+            let mut receiver = cas.receive();
+            let missing = receiver.offer(&refs[..half]).await.unwrap();
+            assert_eq!(missing.len(), half);
+            let wanted = missing
+                .iter()
+                .map(|&i| (refs[i as usize].id, frames[i as usize].clone()))
+                .collect();
+            receiver.put(wanted).await.unwrap();
+            // Dropped: the connection broke.
+        }
+        let (id, sent) = send(&cas, &data).await.unwrap();
+        assert_eq!(sent, refs.len() - half);
+        assert_eq!(read_all(&cas, id).await.unwrap(), data);
+    });
+}
+
+#[test]
+fn lies_are_rejected_and_leave_nothing_visible() {
+    runtime().block_on(async {
+        let cas = Cas::temporary(small_chunks()).unwrap();
+        let data = random_bytes(3, 50_000);
+        let other = random_bytes(4, 50_000);
+        let (refs, frames) = cut(&cas, &data);
+        let (_, other_frames) = cut(&cas, &other);
+
+        // A frame whose content is not the chunk it claims to be.
+        let mut receiver = cas.receive();
+        receiver.offer(&refs).await.unwrap();
+        let err = receiver
+            .put(vec![(refs[0].id, other_frames[0].clone())])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::CorruptChunk { .. }), "{err}");
+
+        // A chunk nobody asked for.
+        let mut receiver = cas.receive();
+        let err = receiver
+            .put(vec![(refs[0].id, frames[0].clone())])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not asked for"), "{err}");
+
+        // A length that does not match the frame.
+        let mut receiver = cas.receive();
+        let mut lying = refs.clone();
+        lying[0].len += 1;
+        receiver.offer(&lying).await.unwrap();
+        let err = receiver
+            .put(vec![(refs[0].id, frames[0].clone())])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("offered as"), "{err}");
+
+        // Chunks asked for that never came.
+        let mut receiver = cas.receive();
+        receiver.offer(&refs).await.unwrap();
+        let err = receiver
+            .finish(data.len() as u64, ContentDigests::of(&data), Vec::new())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("never arrived"), "{err}");
+
+        // Every chunk right, but the commit's digest is of other content, or the length lies.
+        for (length, digests) in [
+            (data.len() as u64, ContentDigests::of(&other)),
+            (data.len() as u64 + 1, ContentDigests::of(&data)),
+        ] {
+            let mut receiver = cas.receive();
+            let missing = receiver.offer(&refs).await.unwrap();
+            let wanted = missing
+                .iter()
+                .map(|&i| (refs[i as usize].id, frames[i as usize].clone()))
+                .collect();
+            receiver.put(wanted).await.unwrap();
+            assert!(receiver.finish(length, digests, Vec::new()).await.is_err());
+        }
+
+        // Out-of-range lengths.
+        let mut receiver = cas.receive();
+        let zero = [ChunkRef {
+            id: refs[0].id,
+            len: 0,
+        }];
+        assert!(receiver.offer(&zero).await.is_err());
+
+        assert_eq!(
+            cas.stats().await.unwrap().manifests,
+            0,
+            "nothing became visible"
+        );
+    });
+}

@@ -1,0 +1,17 @@
+//! Compiles `proto/*.proto` with protox (a pure-Rust protobuf compiler), so that building needs
+//! no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/artifacts.proto", "proto/registry.proto"];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // Chunk frames and ids as `Bytes`: decoded without a copy, sent without one.
+        .bytes(".sloth.artifacts.v1")
+        .compile_fds(descriptors)?;
+    Ok(())
+}
