@@ -66,6 +66,10 @@ type Authed = InterceptedService<Channel, Credentials>;
 pub(crate) struct Connection {
     channel: Channel,
     credentials: Credentials,
+    what: String,
+    addr: String,
+    tls: bool,
+    client_cert: bool,
 }
 
 impl Connection {
@@ -109,6 +113,10 @@ impl Connection {
         };
         Ok(Self {
             channel,
+            what: what.to_owned(),
+            addr: link.addr.clone(),
+            tls: link.tls.enabled(),
+            client_cert: link.tls.identity.is_some(),
             credentials: Credentials {
                 authorization: link
                     .token
@@ -122,6 +130,30 @@ impl Connection {
                     .transpose()?,
             },
         })
+    }
+
+    /// The error a failed call becomes (see [`Connection::explain`]).
+    pub(crate) fn fail(&self, status: tonic::Status) -> Error {
+        self.explain(status.into())
+    }
+
+    /// Turns a connection failure into "not reachable", with a hint at the usual TLS causes.
+    pub(crate) fn explain(&self, e: Error) -> Error {
+        let Error::Transport(reason) = e else {
+            return e;
+        };
+        let hint = if !self.tls {
+            " (if it serves TLS, pass --ca with the CA of its certificate)"
+        } else if !self.client_cert {
+            " (if it requires client certificates, pass --client-cert and --client-key)"
+        } else {
+            ""
+        };
+        Error::Unreachable {
+            what: self.what.clone(),
+            addr: self.addr.clone(),
+            reason: format!("{reason}{hint}"),
+        }
     }
 
     pub(crate) fn artifacts(&self) -> ArtifactsClient<Authed> {
@@ -230,7 +262,15 @@ impl Remote {
     pub async fn connect(name: &str, link: &Link) -> Result<Self> {
         Ok(Self {
             name: name.to_owned(),
-            conn: Connection::open(&format!("agent '{name}'"), link).await?,
+            conn: Connection::open(
+                &if name == link.addr {
+                    "agent".to_owned()
+                } else {
+                    format!("agent '{name}'")
+                },
+                link,
+            )
+            .await?,
         })
     }
 
@@ -268,7 +308,8 @@ impl Remote {
                 all_versions: query.all_versions,
                 limit,
             }))
-            .await?
+            .await
+            .map_err(|s| self.conn.fail(s))?
             .into_inner();
         response
             .artifacts
@@ -289,7 +330,8 @@ impl Remote {
             .conn
             .artifacts()
             .show(unary(convert::selector(selector)))
-            .await?
+            .await
+            .map_err(|s| self.conn.fail(s))?
             .into_inner();
         let artifact = response
             .artifact
@@ -312,7 +354,8 @@ impl Remote {
             .conn
             .artifacts()
             .delete(unary(convert::selector(selector)))
-            .await?
+            .await
+            .map_err(|s| self.conn.fail(s))?
             .into_inner();
         response
             .deleted
@@ -330,7 +373,8 @@ impl Remote {
                 kind: kind.map(str::to_owned),
                 limit: limit.map_or(0, |l| l.min(MAX_LIST as usize) as u32),
             }))
-            .await?
+            .await
+            .map_err(|s| self.conn.fail(s))?
             .into_inner();
         response
             .events
@@ -345,7 +389,8 @@ impl Remote {
             .conn
             .agent()
             .info(unary(pb::InfoRequest {}))
-            .await?
+            .await
+            .map_err(|s| self.conn.fail(s))?
             .into_inner();
         let f = info.figures.unwrap_or_default();
         Ok((
@@ -398,7 +443,8 @@ impl Remote {
             .conn
             .artifacts()
             .describe(unary(convert::selector(selector)))
-            .await?
+            .await
+            .map_err(|s| self.conn.fail(s))?
             .into_inner();
         let (record, _) = convert::record(
             header
@@ -456,9 +502,13 @@ impl Remote {
             .conn
             .artifacts()
             .download(convert::selector(selector))
-            .await?
+            .await
+            .map_err(|s| self.conn.fail(s))?
             .into_inner();
-        let header = match next_message(&mut stream).await? {
+        let header = match next_message(&mut stream)
+            .await
+            .map_err(|e| self.conn.explain(e))?
+        {
             Some(pb::DownloadResponse {
                 step: Some(pb::download_response::Step::Header(header)),
             }) => header,
@@ -625,7 +675,8 @@ impl Remote {
                 task: Some(record.task.clone()),
                 version: Some(record.version),
             }))
-            .await?;
+            .await
+            .map_err(|s| self.conn.fail(s))?;
         Ok(Downloaded {
             record,
             path,
@@ -766,7 +817,8 @@ async fn fetch(source: &Connection, batch: &Batch, missing: &[u32]) -> Result<Ve
     let mut stream = source
         .artifacts()
         .get_chunks(pb::GetChunksRequest { ids: ids.clone() })
-        .await?
+        .await
+        .map_err(|s| source.fail(s))?
         .into_inner();
     let mut frames = Vec::with_capacity(ids.len());
     while let Some(message) = next_message(&mut stream).await? {
@@ -805,8 +857,16 @@ impl UploadSession {
             .map_err(|_| Error::Protocol("upload stream closed".into()))?;
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         request.set_timeout(CALL_TIMEOUT);
-        let mut responses = conn.artifacts().upload(request).await?.into_inner();
-        let ready = match next_message(&mut responses).await? {
+        let mut responses = conn
+            .artifacts()
+            .upload(request)
+            .await
+            .map_err(|s| conn.fail(s))?
+            .into_inner();
+        let ready = match next_message(&mut responses)
+            .await
+            .map_err(|e| conn.explain(e))?
+        {
             Some(pb::UploadResponse {
                 step: Some(pb::upload_response::Step::Ready(ready)),
             }) => ready,
@@ -983,7 +1043,8 @@ impl Master {
             .conn
             .registry()
             .list_agents(unary(reg::ListAgentsRequest {}))
-            .await?
+            .await
+            .map_err(|s| self.conn.fail(s))?
             .into_inner();
         Ok(response.agents.into_iter().map(entry).collect())
     }
@@ -1001,7 +1062,7 @@ impl Master {
                 name: name.into(),
                 master: self.addr.clone(),
             }),
-            Err(status) => Err(status.into()),
+            Err(status) => Err(self.conn.fail(status)),
         }
     }
 }

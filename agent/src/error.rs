@@ -32,6 +32,10 @@ pub enum Error {
     #[error("permission denied: {0}")]
     PermissionDenied(String),
 
+    /// The connection failed underneath the call (reset, TLS handshake, protocol mismatch).
+    #[error("connection failed: {0}")]
+    Transport(String),
+
     /// The agent answered with an error.
     #[error("{0}")]
     Remote(String),
@@ -60,6 +64,23 @@ pub enum Error {
 impl From<Status> for Error {
     fn from(status: Status) -> Self {
         let message = status.message().to_owned();
+        // Failures below gRPC (a TLS mismatch, a reset) arrive as statuses with a source.
+        let source = std::error::Error::source(&status);
+        if (matches!(
+            status.code(),
+            Code::Unknown | Code::Unavailable | Code::Cancelled
+        ) && source.is_some())
+            || message.starts_with("h2 protocol error")
+        {
+            let mut text = message;
+            if let Some(source) = source {
+                let causes = chain(source);
+                if !text.contains(&causes) {
+                    text = format!("{text}: {causes}");
+                }
+            }
+            return Error::Transport(text);
+        }
         match status.code() {
             Code::Unauthenticated => Error::Unauthenticated(message),
             Code::PermissionDenied => Error::PermissionDenied(message),

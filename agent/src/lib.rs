@@ -16,6 +16,7 @@ mod convert;
 mod error;
 pub mod limits;
 pub mod master;
+pub mod metrics;
 pub mod server;
 pub mod tls;
 

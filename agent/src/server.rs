@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -19,6 +20,7 @@ use crate::auth::{AuthLayer, Tokens, principal};
 use crate::client::{Connection, Link};
 use crate::error::{cas_status, chain, status};
 use crate::limits::*;
+use crate::metrics::{CountingIo, Metrics};
 use crate::tls::ServerTls;
 use crate::{Error, Result, convert};
 
@@ -64,12 +66,7 @@ impl AgentConfig {
 }
 
 /// Refuses to expose an unprotected server beyond loopback unless told `--insecure`.
-pub(crate) fn check_exposure(
-    bind: SocketAddr,
-    tls: bool,
-    tokens: bool,
-    insecure: bool,
-) -> Result<()> {
+pub fn check_exposure(bind: SocketAddr, tls: bool, tokens: bool, insecure: bool) -> Result<()> {
     if !bind.ip().is_loopback() && !tls && !tokens && !insecure {
         return Err(Error::Config(format!(
             "refusing to listen on {bind} with neither TLS (--tls-cert/--tls-key) nor tokens \
@@ -127,12 +124,14 @@ pub(crate) fn builder(tls: Option<&ServerTls>) -> Result<Server<tower::layer::ut
 /// HTTP/2 flow-control window: the 64 KiB default caps a stream far below disk speed.
 pub(crate) const WINDOW: u32 = 8 << 20;
 
-/// Serves `engine` on `bound` until `shutdown` completes; then stops accepting calls, lets
-/// those in flight finish for up to `config.grace`, and returns.
+/// Serves `engine` on `bound` (and Prometheus metrics on `metrics`, when given) until
+/// `shutdown` completes; then stops accepting calls, lets those in flight finish for up to
+/// `config.grace`, and returns.
 pub async fn serve(
     engine: Engine,
     config: AgentConfig,
     bound: Bound,
+    metrics_bound: Option<Bound>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     check_exposure(
@@ -142,8 +141,31 @@ pub async fn serve(
         config.insecure,
     )?;
     let engine = Arc::new(engine);
+    let metrics = Arc::new(Metrics::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let metrics_server = match metrics_bound {
+        Some(bound) => {
+            check_exposure(
+                bound.addr,
+                config.tls.is_some(),
+                config.tokens.is_some(),
+                config.insecure,
+            )?;
+            Some(tokio::spawn(crate::metrics::serve(
+                bound.listener,
+                Arc::clone(&metrics),
+                Arc::clone(&engine),
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => None,
+    };
     let artifacts = artifacts_server::ArtifactsServer::new(ArtifactsService {
         engine: Arc::clone(&engine),
+        metrics: Arc::clone(&metrics),
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
@@ -161,20 +183,20 @@ pub async fn serve(
             config.heartbeat,
         ))
     });
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let counted = Arc::clone(&metrics);
+    let incoming = TcpListenerStream::new(bound.listener)
+        .map(move |conn| conn.map(|tcp| CountingIo::new(tcp, Arc::clone(&counted))));
     let server = builder(config.tls.as_ref())?
         .layer(AuthLayer::new(config.tokens.clone()))
         .add_service(artifacts)
         .add_service(info)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(bound.listener), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
     let mut server = std::pin::pin!(server);
     let result = tokio::select! {
         result = &mut server => result,
         () = shutdown => {
             tracing::info!("shutting down: finishing calls in flight (up to {:?})", config.grace);
-            let _ = stop_tx.send(());
+            let _ = stop_tx.send(true);
             match tokio::time::timeout(config.grace, &mut server).await {
                 Ok(result) => result,
                 Err(_) => {
@@ -186,6 +208,10 @@ pub async fn serve(
     };
     if let Some(task) = heartbeat {
         task.abort();
+    }
+    let _ = stop_tx.send(true);
+    if let Some(task) = metrics_server {
+        let _ = task.await;
     }
     result.map_err(|e| Error::Remote(format!("server failed: {}", chain(&e))))?;
     // The engine's last clones are dropped with the server: flush what it holds.
@@ -292,6 +318,7 @@ impl agent_server::Agent for InfoService {
 
 struct ArtifactsService {
     engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -369,6 +396,7 @@ impl artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let _timer = self.metrics.timer("list");
         let r = request.into_inner();
         let limit = if r.limit == 0 || r.limit > MAX_LIST {
             MAX_LIST
@@ -408,6 +436,7 @@ impl artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::Selector>,
     ) -> Result<Response<pb::ShowResponse>, Status> {
+        let _timer = self.metrics.timer("show");
         let record = self.resolve(request.into_inner())?;
         let (newest, count) = self.newest_version(&record)?;
         Ok(Response::new(pb::ShowResponse {
@@ -422,6 +451,7 @@ impl artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::Selector>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let _timer = self.metrics.timer("delete");
         let principal = principal(&request);
         let selector = selector_arg(request.into_inner())?;
         let deleted = self
@@ -429,6 +459,7 @@ impl artifacts_server::Artifacts for ArtifactsService {
             .delete(&selector, &principal)
             .await
             .map_err(|e| status(&e))?;
+        self.metrics.deletes.fetch_add(1, Relaxed);
         Ok(Response::new(pb::DeleteResponse {
             deleted: deleted.iter().map(|r| convert::artifact(r, None)).collect(),
         }))
@@ -438,6 +469,7 @@ impl artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<pb::EventsResponse>, Status> {
+        let _timer = self.metrics.timer("events");
         let r = request.into_inner();
         if r.kind.as_ref().is_some_and(|k| k.len() > 256) {
             return Err(protocol("event kind pattern longer than 256 bytes"));
@@ -466,8 +498,10 @@ impl artifacts_server::Artifacts for ArtifactsService {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OFFER_WINDOW + 1);
         let engine = Arc::clone(&self.engine);
+        let metrics = Arc::clone(&self.metrics);
         tokio::spawn(async move {
-            let session = upload_session(&engine, &principal, inbound, &tx);
+            let _timer = metrics.timer("upload");
+            let session = upload_session(&engine, &metrics, &principal, inbound, &tx);
             let result = match tokio::time::timeout(CALL_TIMEOUT, session).await {
                 Ok(result) => result,
                 Err(_) => Err(Status::deadline_exceeded(format!(
@@ -475,6 +509,7 @@ impl artifacts_server::Artifacts for ArtifactsService {
                 ))),
             };
             if let Err(status) = result {
+                metrics.upload_failures.fetch_add(1, Relaxed);
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -503,11 +538,14 @@ impl artifacts_server::Artifacts for ArtifactsService {
                 step: Some(pb::download_response::Step::Header(header)),
             })
         });
-        let frames = frame_stream(self.engine.cas().clone(), ids, name).map(|frames| {
-            frames.map(|frames| pb::DownloadResponse {
-                step: Some(pb::download_response::Step::Frames(frames)),
-            })
-        });
+        let timer = self.metrics.timer("download");
+        let frames = frame_stream(self.engine.cas().clone(), &self.metrics, ids, name, timer).map(
+            |frames| {
+                frames.map(|frames| pb::DownloadResponse {
+                    step: Some(pb::download_response::Step::Frames(frames)),
+                })
+            },
+        );
         Ok(Response::new(Box::pin(first.chain(frames))))
     }
 
@@ -527,6 +565,10 @@ impl artifacts_server::Artifacts for ArtifactsService {
             .count_download(&record, &principal)
             .await
             .map_err(|e| status(&e))?;
+        self.metrics.downloads.fetch_add(1, Relaxed);
+        self.metrics
+            .downloaded_bytes
+            .fetch_add(record.size, Relaxed);
         Ok(Response::new(pb::ConfirmDownloadResponse {}))
     }
 
@@ -557,18 +599,24 @@ impl artifacts_server::Artifacts for ArtifactsService {
             .map_err(|e| protocol(e.to_string()))?;
         Ok(Response::new(Box::pin(frame_stream(
             self.engine.cas().clone(),
+            &self.metrics,
             ids,
             String::new(),
+            self.metrics.timer("get_chunks"),
         ))))
     }
 }
 
 /// The stored frames of `ids`, in order, packed into messages of about [`FRAMES_BYTES`].
+/// `timer` runs until the last message is handed over.
 fn frame_stream(
     cas: sloth_cas::Cas,
+    metrics: &Arc<Metrics>,
     ids: Vec<sloth_cas::ChunkId>,
     artifact: String,
+    timer: crate::metrics::Timer,
 ) -> impl Stream<Item = Result<pb::Frames, Status>> + Send + 'static {
+    let metrics = Arc::clone(metrics);
     let fetched = futures::stream::iter(ids).map(move |id| {
         let cas = cas.clone();
         let artifact = artifact.clone();
@@ -593,6 +641,7 @@ fn frame_stream(
     let mut done = false;
     let mut fetched = Box::pin(fetched.buffered(16));
     async_stream(move |tx| async move {
+        let _timer = timer;
         while !done {
             match fetched.next().await {
                 Some(Ok(frame)) => {
@@ -609,6 +658,9 @@ fn frame_stream(
                 None => done = true,
             }
             if !pending.frames.is_empty() {
+                metrics
+                    .frame_bytes_sent
+                    .fetch_add(pending_bytes as u64, Relaxed);
                 pending_bytes = 0;
                 if tx.send(Ok(std::mem::take(&mut pending))).await.is_err() {
                     return; // the client went away
@@ -634,6 +686,7 @@ where
 /// One upload conversation (see `UploadRequest` in `artifacts.proto`).
 async fn upload_session(
     engine: &Engine,
+    metrics: &Metrics,
     principal: &str,
     mut inbound: Streaming<pb::UploadRequest>,
     tx: &mpsc::Sender<Result<pb::UploadResponse, Status>>,
@@ -708,6 +761,12 @@ async fn upload_session(
                     .map(|f| Ok((convert::chunk_id(&f.id)?, f.data)))
                     .collect::<Result<Vec<_>>>()
                     .map_err(|e| protocol(e.to_string()))?;
+                metrics
+                    .chunks_received
+                    .fetch_add(frames.len() as u64, Relaxed);
+                metrics
+                    .frame_bytes_received
+                    .fetch_add(frames.iter().map(|(_, f)| f.len() as u64).sum(), Relaxed);
                 receiver
                     .put(frames)
                     .await
@@ -720,6 +779,8 @@ async fn upload_session(
                     .upload_received(&key, receiver, commit.length, digests, principal)
                     .await
                     .map_err(|e| status(&e))?;
+                metrics.uploads.fetch_add(1, Relaxed);
+                metrics.uploaded_bytes.fetch_add(record.size, Relaxed);
                 let path = engine.layout_path(&record).map(|p| p.display().to_string());
                 let answer = pb::UploadResponse {
                     step: Some(pb::upload_response::Step::Committed(pb::Committed {

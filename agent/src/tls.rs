@@ -18,6 +18,11 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
+    /// Reads the files now, so that a bad path or a file that is not PEM fails at start.
+    pub fn check(&self) -> Result<()> {
+        self.config().map(|_| ())
+    }
+
     pub(crate) fn config(&self) -> Result<ServerTlsConfig> {
         let identity =
             Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?);

@@ -132,6 +132,9 @@ pub(crate) struct AgentStartArgs {
     /// Store settings file (default: config.toml in the data directory).
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// Serve Prometheus metrics on this port (same address as --bind), at /metrics.
+    #[arg(long, value_name = "PORT")]
+    pub(crate) metrics_port: Option<u16>,
     /// Seconds between heartbeats to the master.
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) heartbeat: u64,

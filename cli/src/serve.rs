@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use sloth_agent::auth::{Scope, Tokens};
 use sloth_agent::client::Master;
 use sloth_agent::master::MasterConfig;
-use sloth_agent::server::{AgentConfig, Bound};
+use sloth_agent::server::{AgentConfig, Bound, check_exposure};
 use sloth_agent::tls::ServerTls;
 use sloth_engine::Name;
 
@@ -41,6 +41,9 @@ fn tls_and_tokens(args: &ServeArgs) -> anyhow::Result<(Option<ServerTls>, Option
         }),
         _ => None,
     };
+    if let Some(tls) = &tls {
+        tls.check()?;
+    }
     let tokens = args.tokens.as_deref().map(Tokens::load).transpose()?;
     Ok((tls, tokens))
 }
@@ -58,15 +61,26 @@ pub(crate) async fn agent_start(
         );
     }
     let (tls, tokens) = tls_and_tokens(&args.serve)?;
+    check_exposure(
+        SocketAddr::new(args.serve.bind, args.port),
+        tls.is_some(),
+        tokens.is_some(),
+        args.serve.insecure,
+    )?;
     let mut config = AgentConfig::new(&args.name, SocketAddr::new(args.serve.bind, args.port));
     config.advertise = args.advertise;
     config.master = ctx.net.master.as_deref().map(|addr| ctx.link(addr));
     config.heartbeat = Duration::from_secs(args.heartbeat);
+
     config.insecure = args.serve.insecure;
     config.tls = tls;
     config.tokens = tokens;
     let engine = agent::open_local(&ctx.data_dir, args.config.as_deref(), &args.name).await?;
     let bound = Bound::bind(config.bind).await?;
+    let metrics = match args.metrics_port {
+        Some(port) => Some(Bound::bind(SocketAddr::new(args.serve.bind, port)).await?),
+        None => None,
+    };
     writeln!(
         out,
         "✓ Agent '{}' listening on {} (data directory {}{}{})",
@@ -80,17 +94,26 @@ pub(crate) async fn agent_start(
             ""
         },
     )?;
+    if let Some(metrics) = &metrics {
+        writeln!(out, "ℹ Metrics on http://{}/metrics", metrics.local_addr())?;
+    }
     if let Some(master) = &config.master {
         writeln!(out, "ℹ Registering with the master at {}", master.addr)?;
     }
     out.flush()?;
-    sloth_agent::server::serve(engine, config, bound, stop_signal()).await?;
+    sloth_agent::server::serve(engine, config, bound, metrics, stop_signal()).await?;
     writeln!(out, "✓ Agent '{}' stopped", args.name)?;
     Ok(())
 }
 
 pub(crate) async fn master_start(args: MasterStartArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let (tls, tokens) = tls_and_tokens(&args.serve)?;
+    check_exposure(
+        SocketAddr::new(args.serve.bind, args.port),
+        tls.is_some(),
+        tokens.is_some(),
+        args.serve.insecure,
+    )?;
     let bound = Bound::bind(SocketAddr::new(args.serve.bind, args.port)).await?;
     writeln!(out, "✓ Master listening on {}", bound.local_addr())?;
     out.flush()?;

@@ -1,0 +1,663 @@
+//! The CLI against real `sloth-runner master` and `agent` processes on loopback: the spec's
+//! commands by agent name, transfers that move only missing chunks, tokens and TLS.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sloth-runner");
+
+/// A server process, stopped with SIGTERM when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    metrics: Option<String>,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `sloth-runner ARGS` and waits for its "listening on" line.
+    fn start(dir: &Path, log_name: &str, args: &[&str]) -> Server {
+        let log = dir.join(log_name);
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env_remove("SLOTH_RUNNER_MASTER_ADDR")
+            .env_remove("SLOTH_RUNNER_TOKEN")
+            .env_remove("SLOTH_RUNNER_CA")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let (mut addr, mut metrics) = (None, None);
+        while addr.is_none() {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let _ = child.wait();
+                panic!(
+                    "{args:?} exited before listening: {}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            if let Some(rest) = line.split("Metrics on http://").nth(1) {
+                metrics = Some(rest.trim().trim_end_matches("/metrics").to_owned());
+            }
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                addr = Some(rest.split([' ', '\n']).next().unwrap().to_owned());
+            }
+        }
+        // Later lines (metrics, registration) are read in the background so the pipe never
+        // fills; the metrics line comes right after the listening line.
+        let mut rest = String::new();
+        if metrics.is_none() && args.contains(&"--metrics-port") {
+            stdout.read_line(&mut rest).unwrap();
+            metrics = rest
+                .split("Metrics on http://")
+                .nth(1)
+                .map(|r| r.trim().trim_end_matches("/metrics").to_owned());
+        }
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink);
+        });
+        Server {
+            child,
+            addr: addr.unwrap(),
+            metrics,
+            log,
+        }
+    }
+
+    /// One counter from the agent's metrics endpoint.
+    fn metric(&self, name: &str) -> u64 {
+        let addr = self.metrics.as_ref().expect("started with --metrics-port");
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    fn stop(mut self) -> String {
+        self.terminate();
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// A scratch directory with a master and helpers to run the CLI against it.
+struct Net {
+    dir: tempfile::TempDir,
+}
+
+impl Net {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn master(&self, extra: &[&str]) -> Server {
+        let mut args = vec!["master", "start", "--port", "0"];
+        args.extend_from_slice(extra);
+        Server::start(self.dir.path(), "master.log", &args)
+    }
+
+    fn agent(&self, name: &str, master: Option<&Server>, extra: &[&str]) -> Server {
+        let data = self.path(&format!("{name}-data"));
+        let mut args = vec![
+            "--data-dir",
+            data.to_str().unwrap(),
+            "agent",
+            "start",
+            "--name",
+            name,
+            "--port",
+            "0",
+            "--heartbeat",
+            "1",
+        ];
+        if let Some(master) = master {
+            args.extend(["--master", master.addr.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        Server::start(self.dir.path(), &format!("{name}.log"), &args)
+    }
+
+    fn cli(&self, args: &[&str], input: &str) -> Output {
+        let mut child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(self.path("client-data"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("SLOTH_RUNNER_MASTER_ADDR")
+            .env_remove("SLOTH_RUNNER_TOKEN")
+            .env_remove("SLOTH_RUNNER_CA")
+            .env("USER", "tester")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args, "");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args, "");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn write_random(&self, name: &str, len: usize, seed: u8) -> Vec<u8> {
+        // xorshift: incompressible, deterministic, fast enough for hundreds of MiB.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64 ^ u64::from(seed);
+        let mut data = Vec::with_capacity(len + 8);
+        while data.len() < len {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            data.extend_from_slice(&state.to_le_bytes());
+        }
+        data.truncate(len);
+        std::fs::write(self.path(name), &data).unwrap();
+        data
+    }
+}
+
+#[test]
+fn spec_commands_work_against_agents_found_through_the_master() {
+    let net = Net::new();
+    let master = net.master(&[]);
+    let build = net.agent("build-agent", Some(&master), &[]);
+    let deploy = net.agent("deploy-agent", Some(&master), &[]);
+    let m = ["--master", master.addr.as_str()];
+    let with =
+        |args: &[&str]| -> Vec<String> { m.iter().chain(args).map(|s| s.to_string()).collect() };
+    let ok = |args: &[&str]| {
+        let args = with(args);
+        net.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let fails = |args: &[&str]| {
+        let args = with(args);
+        net.fails(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let data = net.write_random("app.bin", 3_000_000, 1);
+
+    // Both agents register within a heartbeat or two.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let listed = ok(&["agent", "list"]);
+        if listed.matches(" active ").count() == 2 {
+            assert!(listed.contains("build-agent") && listed.contains("deploy-agent"));
+            assert!(listed.ends_with("ℹ Total: 2 agents\n"), "{listed}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listed}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    let up = ok(&[
+        "agent",
+        "artifacts",
+        "upload",
+        "build-agent",
+        "app.bin",
+        "--stack",
+        "production",
+        "--task",
+        "build",
+    ]);
+    assert_eq!(
+        up,
+        "ℹ Uploading 'app.bin' to agent 'build-agent' as 'app.bin'...\n✓ Uploaded app.bin (3.0 MB)\n"
+    );
+    let list = ok(&[
+        "agent",
+        "artifacts",
+        "list",
+        "build-agent",
+        "--stack",
+        "production",
+    ]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines[0], "📦 Artifacts on agent: build-agent 📦");
+    assert!(
+        lines[2].starts_with("Name  ") && lines[2].ends_with("Task"),
+        "{list}"
+    );
+    assert!(lines[4].starts_with("app.bin ") && lines[4].contains(" production "));
+    assert_eq!(*lines.last().unwrap(), "ℹ Total: 1 artifact");
+
+    let show = ok(&["agent", "artifacts", "show", "build-agent", "app.bin"]);
+    let expected_path = net.path("build-agent-data/artifacts/production/build/app.bin");
+    assert!(
+        show.contains(&format!("Path:       {}\n", expected_path.display())),
+        "{show}"
+    );
+    assert!(show.contains("Downloads:  0\n"));
+    assert_eq!(
+        std::fs::read(&expected_path).unwrap(),
+        data,
+        "the agent's layout"
+    );
+
+    // Spec use case 5: download from the source agent, upload to the target, verify.
+    let down = ok(&[
+        "agent",
+        "artifacts",
+        "download",
+        "build-agent",
+        "app.bin",
+        "--output",
+        "tmp/app.bin",
+    ]);
+    assert!(
+        down.ends_with("✓ Downloaded app.bin to 'tmp/app.bin' (3.0 MB)\n"),
+        "{down}"
+    );
+    assert_eq!(std::fs::read(net.path("tmp/app.bin")).unwrap(), data);
+    ok(&[
+        "agent",
+        "artifacts",
+        "upload",
+        "deploy-agent",
+        "tmp/app.bin",
+        "--stack",
+        "production",
+        "--task",
+        "deploy",
+    ]);
+    let shown = ok(&["agent", "artifacts", "show", "deploy-agent", "app.bin"]);
+    assert!(shown.contains("Task:       deploy\n"), "{shown}");
+    assert!(
+        show.contains(
+            &shown
+                .lines()
+                .find(|l| l.starts_with("Checksum"))
+                .unwrap()
+                .to_string()
+        )
+    );
+
+    // Copy: the content is already on deploy-agent (under another task), so nothing travels.
+    let copied = ok(&[
+        "agent",
+        "artifacts",
+        "copy",
+        "build-agent",
+        "deploy-agent",
+        "app.bin",
+    ]);
+    assert!(copied.contains(": 0 of "), "{copied}");
+    assert!(copied.contains("chunks sent, 0 B\n"), "{copied}");
+    let ambiguous = fails(&["agent", "artifacts", "show", "deploy-agent", "app.bin"]);
+    assert!(
+        ambiguous.contains("--stack production --task build"),
+        "{ambiguous}"
+    );
+
+    // Several downloads at once into one directory.
+    net.write_random("lib.so", 500_000, 2);
+    ok(&["agent", "artifacts", "upload", "build-agent", "lib.so"]);
+    let both = ok(&[
+        "agent",
+        "artifacts",
+        "download",
+        "build-agent",
+        "app.bin",
+        "lib.so",
+        "-o",
+        "many",
+    ]);
+    assert_eq!(both.matches("✓ Downloaded").count(), 2, "{both}");
+    assert_eq!(std::fs::read(net.path("many/app.bin")).unwrap(), data);
+
+    let events = ok(&[
+        "events",
+        "list",
+        "--agent",
+        "build-agent",
+        "--type",
+        "artifact.*",
+    ]);
+    assert!(events.contains("artifact.upload") && events.contains("artifact.download"));
+    assert!(events.contains("tester (unverified)"), "{events}");
+
+    let deleted = net.cli(
+        &with(&["agent", "artifacts", "delete", "build-agent", "lib.so"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "y\n",
+    );
+    assert!(
+        String::from_utf8_lossy(&deleted.stdout)
+            .ends_with("✓ Deleted artifact 'lib.so' from agent 'build-agent'\n")
+    );
+    let gone = fails(&["agent", "artifacts", "show", "build-agent", "lib.so"]);
+    assert_eq!(gone, "error: artifact 'lib.so' not found\n");
+
+    let details = ok(&["agent", "get", "build-agent"]);
+    assert!(
+        details.contains(&format!("Address:     {}\n", build.addr)),
+        "{details}"
+    );
+    assert!(details.contains("Status:      active\n"));
+
+    // Agents by address, and the ones that cannot be reached.
+    let direct = net.ok(&["agent", "artifacts", "list", &deploy.addr]);
+    assert!(direct.contains("ℹ Total: 2 artifacts"), "{direct}");
+    let unknown = fails(&["agent", "artifacts", "list", "nope"]);
+    assert!(
+        unknown.contains("agent 'nope' is not registered with the master"),
+        "{unknown}"
+    );
+    let closed = net.fails(&["agent", "artifacts", "list", "127.0.0.1:1"]);
+    assert!(closed.contains("is not reachable"), "{closed}");
+
+    // Graceful stop.
+    let log = build.stop();
+    assert!(log.contains("shutting down"), "{log}");
+}
+
+#[test]
+fn reupload_and_resumed_upload_send_only_what_is_missing() {
+    let net = Net::new();
+    let agent = net.agent("store", None, &["--metrics-port", "0"]);
+    let a = agent.addr.clone();
+    const SIZE: usize = 256 << 20;
+    net.write_random("big.bin", SIZE, 3);
+    net.ok(&["agent", "artifacts", "upload", &a, "big.bin"]);
+    let before = agent.metric("sloth_wire_bytes_received_total");
+    assert!(before as usize > SIZE, "the first upload sent it all");
+    net.ok(&["agent", "artifacts", "upload", &a, "big.bin"]);
+    let again = agent.metric("sloth_wire_bytes_received_total") - before;
+    assert!(
+        (again as usize) < SIZE / 100,
+        "re-upload sent {again} bytes of {SIZE}"
+    );
+
+    // Another file, its upload killed once about a third has arrived.
+    let other = net.write_random("other.bin", SIZE, 4);
+    let start = agent.metric("sloth_frame_bytes_received_total");
+    let mut child = Command::new(BIN)
+        .args(["--data-dir"])
+        .arg(net.path("client-data"))
+        .args(["agent", "artifacts", "upload", &a, "other.bin"])
+        .current_dir(net.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if agent.metric("sloth_frame_bytes_received_total") - start > (SIZE / 3) as u64 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let listed = net.ok(&["agent", "artifacts", "list", &a]);
+    assert!(
+        !listed.contains("other.bin"),
+        "nothing half-uploaded is visible: {listed}"
+    );
+    let first = agent.metric("sloth_frame_bytes_received_total") - start;
+    let wire_before = agent.metric("sloth_wire_bytes_received_total");
+    net.ok(&["agent", "artifacts", "upload", &a, "other.bin"]);
+    let resumed = agent.metric("sloth_wire_bytes_received_total") - wire_before;
+    let rest = SIZE as u64 - first.min(SIZE as u64);
+    assert!(
+        resumed < rest + (SIZE / 100) as u64,
+        "the retry sent {resumed} bytes; {rest} were missing"
+    );
+    net.ok(&[
+        "agent",
+        "artifacts",
+        "download",
+        &a,
+        "other.bin",
+        "-o",
+        "back/",
+    ]);
+    assert!(std::fs::read(net.path("back/other.bin")).unwrap() == other);
+}
+
+fn token_line(token: &str, scopes: &str, principal: &str) -> String {
+    use sha2::Digest as _;
+    format!(
+        "{}  {scopes}  {principal}\n",
+        hex::encode(sha2::Sha256::digest(token))
+    )
+}
+
+#[test]
+fn tokens_are_checked_with_scopes_and_recorded_as_principals() {
+    let net = Net::new();
+    let tokens = net.path("tokens");
+    std::fs::write(
+        &tokens,
+        token_line("r3ader", "read", "dashboard") + &token_line("wr1ter", "read,write", "ci-bot"),
+    )
+    .unwrap();
+    let agent = net.agent("secure", None, &["--tokens", tokens.to_str().unwrap()]);
+    let a = agent.addr.as_str();
+    net.write_random("app.bin", 10_000, 5);
+
+    let none = net.fails(&["agent", "artifacts", "list", a]);
+    assert!(
+        none.starts_with("error: not authenticated: this agent requires a token"),
+        "{none}"
+    );
+    let wrong = net.fails(&["--token", "guess", "agent", "artifacts", "list", a]);
+    assert!(wrong.contains("the token is not valid"), "{wrong}");
+    let under = net.fails(&[
+        "--token",
+        "r3ader",
+        "agent",
+        "artifacts",
+        "upload",
+        a,
+        "app.bin",
+    ]);
+    assert!(
+        under.contains("permission denied: this call needs the 'write' scope"),
+        "{under}"
+    );
+    net.ok(&[
+        "--token",
+        "wr1ter",
+        "agent",
+        "artifacts",
+        "upload",
+        a,
+        "app.bin",
+    ]);
+    let cannot_delete = net.fails(&[
+        "--token",
+        "wr1ter",
+        "agent",
+        "artifacts",
+        "delete",
+        a,
+        "app.bin",
+        "--force",
+    ]);
+    assert!(cannot_delete.contains("'delete' scope"), "{cannot_delete}");
+    let events = net.ok(&["--token", "r3ader", "events", "list", "--agent", a]);
+    assert!(events.contains("ci-bot"), "{events}");
+    assert!(!events.contains("unverified"));
+}
+
+#[test]
+fn tls_with_and_without_client_certificates() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let net = Net::new();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["client".into()]);
+    for (name, text) in [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server_cert),
+        ("server.key", server_key),
+        ("client.pem", client_cert),
+        ("client.key", client_key),
+    ] {
+        std::fs::write(net.path(name), text).unwrap();
+    }
+    let p = |name: &str| net.path(name).to_str().unwrap().to_owned();
+    net.write_random("app.bin", 100_000, 6);
+
+    let tls = net.agent(
+        "tls",
+        None,
+        &[
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("server.key"),
+        ],
+    );
+    let a = tls.addr.as_str();
+    net.ok(&[
+        "--ca",
+        &p("ca.pem"),
+        "agent",
+        "artifacts",
+        "upload",
+        a,
+        "app.bin",
+    ]);
+    let listed = net.ok(&["--ca", &p("ca.pem"), "agent", "artifacts", "list", a]);
+    assert!(listed.contains("app.bin"));
+    let plain = net.fails(&["agent", "artifacts", "list", a]);
+    assert!(
+        plain.contains("is not reachable") && plain.contains("pass --ca"),
+        "{plain}"
+    );
+
+    let mtls = net.agent(
+        "mtls",
+        None,
+        &[
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("server.key"),
+            "--client-ca",
+            &p("ca.pem"),
+        ],
+    );
+    let m = mtls.addr.as_str();
+    let no_cert = net.fails(&["--ca", &p("ca.pem"), "agent", "artifacts", "list", m]);
+    assert!(
+        no_cert.contains("is not reachable") && no_cert.contains("--client-cert"),
+        "{no_cert}"
+    );
+    let with_cert = net.ok(&[
+        "--ca",
+        &p("ca.pem"),
+        "--client-cert",
+        &p("client.pem"),
+        "--client-key",
+        &p("client.key"),
+        "agent",
+        "artifacts",
+        "list",
+        m,
+    ]);
+    assert!(with_cert.contains("ℹ Total: 0 artifacts"), "{with_cert}");
+}
+
+#[test]
+fn unsafe_or_broken_server_settings_are_refused() {
+    let net = Net::new();
+    let exposed = net.fails(&[
+        "agent", "start", "--name", "x", "--port", "0", "--bind", "0.0.0.0",
+    ]);
+    assert!(exposed.contains("neither TLS"), "{exposed}");
+    let exposed = net.fails(&["master", "start", "--port", "0", "--bind", "0.0.0.0"]);
+    assert!(exposed.contains("--insecure"), "{exposed}");
+    std::fs::write(net.path("tokens"), "not a token file\n").unwrap();
+    let bad = net.fails(&[
+        "agent",
+        "start",
+        "--name",
+        "x",
+        "--port",
+        "0",
+        "--tokens",
+        net.path("tokens").to_str().unwrap(),
+    ]);
+    assert!(bad.contains("line 1"), "{bad}");
+    let local = net.fails(&["agent", "start", "--name", "local", "--port", "0"]);
+    assert!(local.contains("embedded store"), "{local}");
+    std::fs::write(net.path("cert.pem"), "junk").unwrap();
+    let cert = net.path("cert.pem");
+    let junk = net.fails(&[
+        "agent",
+        "start",
+        "--name",
+        "x",
+        "--port",
+        "0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        cert.to_str().unwrap(),
+    ]);
+    assert!(junk.contains("not a PEM file"), "{junk}");
+}
