@@ -719,7 +719,7 @@ async fn upload_session(
     if tx.send(Ok(ready)).await.is_err() {
         return Ok(());
     }
-    let mut receiver = engine.cas().receive();
+    let mut receiving = engine.receive().map_err(|e| status(&e))?;
     loop {
         match next().await? {
             None => {
@@ -741,10 +741,7 @@ async fn upload_session(
                     .map(convert::chunk_ref_from)
                     .collect::<Result<Vec<_>>>()
                     .map_err(|e| protocol(e.to_string()))?;
-                let missing = receiver
-                    .offer(&refs)
-                    .await
-                    .map_err(|e| cas_status(&e, chain(&e)))?;
+                let missing = receiving.offer(&refs).await.map_err(|e| status(&e))?;
                 let answer = pb::UploadResponse {
                     step: Some(pb::upload_response::Step::Missing(pb::Missing {
                         indexes: missing,
@@ -767,16 +764,13 @@ async fn upload_session(
                 metrics
                     .frame_bytes_received
                     .fetch_add(frames.iter().map(|(_, f)| f.len() as u64).sum(), Relaxed);
-                receiver
-                    .put(frames)
-                    .await
-                    .map_err(|e| cas_status(&e, chain(&e)))?;
+                receiving.put(frames).await.map_err(|e| status(&e))?;
             }
             Some(Step::Commit(commit)) => {
                 let digests = convert::digests(&commit.sha256, &commit.blake3)
                     .map_err(|e| protocol(e.to_string()))?;
                 let record = engine
-                    .upload_received(&key, receiver, commit.length, digests, principal)
+                    .commit_received(&key, receiving, commit.length, digests, principal)
                     .await
                     .map_err(|e| status(&e))?;
                 metrics.uploads.fetch_add(1, Relaxed);

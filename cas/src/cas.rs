@@ -907,6 +907,27 @@ impl<S: ChunkStore> Cas<S> {
         self.inner.lease(id).await
     }
 
+    /// Fetches one chunk and checks it against its id and length.
+    pub(crate) async fn read_chunk(&self, c: ChunkRef) -> Result<Bytes> {
+        let frame = self
+            .inner
+            .chunks
+            .get(c.id)
+            .await?
+            .ok_or_else(|| Error::CorruptChunk {
+                id: c.id,
+                reason: "missing from the store".into(),
+            })?;
+        let data = self.on_cpu(move || frame::decode(&c.id, &frame)).await??;
+        if data.len() != c.len as usize {
+            return Err(Error::CorruptChunk {
+                id: c.id,
+                reason: format!("{} bytes decoded, {} expected", data.len(), c.len),
+            });
+        }
+        Ok(data)
+    }
+
     pub(crate) fn concurrency(&self) -> usize {
         self.inner.config.concurrency
     }

@@ -91,5 +91,5 @@ pub use error::{Error, Result};
 pub use id::{ChunkId, ManifestId, ParseIdError};
 pub use manifest::{ChunkRef, ContentDigests, ContentHasher, Manifest};
 pub use pack::PackStore;
-pub use receive::{MAX_RECEIVED_CHUNKS, Receiver};
+pub use receive::{MAX_RECEIVED_CHUNKS, Received, Receiver};
 pub use store::{ChunkStore, MemoryChunkStore, StoredChunk};

@@ -2,18 +2,24 @@
 //!
 //! The sender cuts and hashes the content itself and offers the chunk list in batches; the
 //! store answers which chunks it lacks and receives only those, as frames. Every frame is
-//! decoded and checked against its id before it is stored, and [`Receiver::finish`] reads the
-//! whole content back and checks it against the sender's length and digests before a
-//! [`Staged`] value exists. A receive abandoned halfway leaves only unreferenced chunks; sent
-//! again, it finds them present and they are not asked for twice.
+//! decoded and checked against its id before it is stored. Meanwhile an assembler walks the
+//! content in order — chunks the store already had are read back and verified, received ones
+//! are taken as they arrive — hashing it whole and writing it to the receiver's output (an
+//! artifact's layout copy), so that by the time the sender commits, the check of its length,
+//! SHA-256 and BLAKE3 is nearly done. Only then does a [`Staged`] value exist. A receive
+//! abandoned halfway leaves only unreferenced chunks; sent again, it finds them present and
+//! they are not asked for twice.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::cas::{Lease, Staged};
-use crate::manifest::{ChunkRef, ContentDigests};
+use crate::manifest::{ChunkRef, ContentDigests, ContentHasher};
 use crate::store::ChunkStore;
 use crate::{Cas, ChunkId, Error, IngestStats, MAX_CHUNK_LEN, Manifest, Result, frame};
 
@@ -21,33 +27,164 @@ use crate::{Cas, ChunkId, Error, IngestStats, MAX_CHUNK_LEN, Manifest, Result, f
 /// this is 256 GiB of content). Bounds the memory a receive holds for its chunk list.
 pub const MAX_RECEIVED_CHUNKS: usize = 4 << 20;
 
+/// Received bytes waiting for the assembler, at most: a sender that outruns the hashing and
+/// writing waits in [`Receiver::put`].
+const BACKLOG_BYTES: usize = 64 << 20;
+
+/// How long [`Receiver::put`] waits for the assembler to make room.
+const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A received chunk's content on its way to the assembler, holding its share of the backlog.
+type Delivery = (Bytes, OwnedSemaphorePermit);
+
+/// Where the assembler gets each chunk of the content, in order.
+enum Slot {
+    /// The store had it: read it back, verified.
+    Stored(ChunkRef),
+    /// Asked for: comes from [`Receiver::put`].
+    Arriving(oneshot::Receiver<Delivery>),
+}
+
+/// What the assembler did.
+enum Assembled<W> {
+    /// Hashed and wrote the whole content: its length and digests.
+    Whole(u64, ContentDigests, W),
+    /// Told to skip: the content is a manifest the store already holds.
+    Skipped(W),
+}
+
+/// What a finished receive gives back.
+#[derive(Debug)]
+pub struct Received<W> {
+    /// The content, ready for commit.
+    pub staged: Staged,
+    /// The output the content was assembled into.
+    pub out: W,
+    /// Whether `out` holds the content. It does not when the store already held a manifest
+    /// with exactly this chunk list and these digests, verified when it was stored: then the
+    /// content is neither read back nor hashed again (a re-upload costs the store no reads).
+    pub written: bool,
+}
+
 /// One content being received. Holds a lease on every chunk offered so far, so that GC cannot
 /// delete a chunk the store said it has before the content is committed.
-#[derive(Debug)]
-pub struct Receiver<S: ChunkStore> {
+pub struct Receiver<S: ChunkStore, W> {
     cas: Cas<S>,
     refs: Vec<ChunkRef>,
     /// Offered ids, with their declared lengths and leases.
     offered: HashMap<ChunkId, (u32, Lease)>,
-    /// Chunks asked for that have not arrived yet.
-    awaited: HashMap<ChunkId, u32>,
+    /// Chunks asked for that have not arrived, with the content positions waiting for them.
+    awaited: HashMap<ChunkId, (u32, Vec<oneshot::Sender<Delivery>>)>,
+    slots: mpsc::UnboundedSender<Slot>,
+    assembler: tokio::task::JoinHandle<Result<Assembled<W>>>,
+    /// Starts the assembler (`true`) or tells it to skip (`false`). It waits until a chunk
+    /// is missing, since content whose chunks are all stored may be a manifest the store
+    /// already holds, which needs no second verification.
+    start: Option<oneshot::Sender<bool>>,
+    backlog: Arc<Semaphore>,
     stats: IngestStats,
 }
 
+impl<S: ChunkStore, W> std::fmt::Debug for Receiver<S, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("chunks", &self.refs.len())
+            .field("awaited", &self.awaited.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Slot::Stored(c) => write!(f, "Stored({})", c.id),
+            Slot::Arriving(_) => f.write_str("Arriving"),
+        }
+    }
+}
+
 impl<S: ChunkStore> Cas<S> {
-    /// Starts receiving content chunked elsewhere.
-    pub fn receive(&self) -> Receiver<S> {
+    /// Starts receiving content chunked elsewhere; the content is written to `out` as it is
+    /// assembled (give [`std::io::sink`] when no copy is wanted).
+    pub fn receive<W: Write + Send + 'static>(&self, out: W) -> Receiver<S, W> {
+        let (slots, queue) = mpsc::unbounded_channel();
+        let (start, started) = oneshot::channel();
         Receiver {
             cas: self.clone(),
             refs: Vec::new(),
             offered: HashMap::new(),
             awaited: HashMap::new(),
+            slots,
+            assembler: tokio::spawn(assemble(self.clone(), started, queue, out)),
+            start: Some(start),
+            backlog: Arc::new(Semaphore::new(BACKLOG_BYTES)),
             stats: IngestStats::default(),
         }
     }
 }
 
-impl<S: ChunkStore> Receiver<S> {
+/// Walks the content in order, hashing it and writing it to `out` on a blocking thread.
+async fn assemble<S: ChunkStore, W: Write + Send + 'static>(
+    cas: Cas<S>,
+    started: oneshot::Receiver<bool>,
+    mut queue: mpsc::UnboundedReceiver<Slot>,
+    mut out: W,
+) -> Result<Assembled<W>> {
+    if started.await != Ok(true) {
+        return Ok(Assembled::Skipped(out));
+    }
+    let (tx, mut rx) = mpsc::channel::<Bytes>(cas.concurrency());
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut hasher = ContentHasher::default();
+        while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
+            out.write_all(&chunk).map_err(Error::Output)?;
+        }
+        out.flush().map_err(Error::Output)?;
+        Ok::<_, Error>(Assembled::Whole(hasher.len(), hasher.finish(), out))
+    });
+    let slots = futures::stream::poll_fn(move |cx| queue.poll_recv(cx));
+    let chunks = slots
+        .map(|slot| {
+            let cas = cas.clone();
+            async move {
+                match slot {
+                    Slot::Stored(c) => Ok((cas.read_chunk(c).await?, None)),
+                    Slot::Arriving(rx) => {
+                        rx.await.map(|(b, permit)| (b, Some(permit))).map_err(|_| {
+                            Error::Rejected("the upload ended before all its chunks arrived".into())
+                        })
+                    }
+                }
+            }
+        })
+        .buffered(cas.concurrency());
+    let mut chunks = std::pin::pin!(chunks);
+    let mut failed = None;
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok((chunk, permit)) => {
+                if tx.send(chunk).await.is_err() {
+                    break; // the writer failed; it says why below
+                }
+                drop(permit);
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer.await?;
+    match failed {
+        Some(e) => Err(e),
+        None => written,
+    }
+}
+
+impl<S: ChunkStore, W> Receiver<S, W> {
     /// Appends `chunks` to the content and returns the indexes (into `chunks`) of those the
     /// store lacks and that this receive has not asked for already, ascending.
     pub async fn offer(&mut self, chunks: &[ChunkRef]) -> Result<Vec<u32>> {
@@ -76,38 +213,63 @@ impl<S: ChunkStore> Receiver<S> {
                     // Leased before the existence check, as in ingest (see the crate docs).
                     let lease = self.cas.lease(chunk.id).await;
                     self.offered.insert(chunk.id, (chunk.len, lease));
-                    fresh.push((index as u32, chunk.id));
+                    fresh.push(index);
                 }
             }
         }
-        let ids: Vec<ChunkId> = fresh.iter().map(|(_, id)| *id).collect();
+        let ids: Vec<ChunkId> = fresh.iter().map(|&i| chunks[i].id).collect();
         let present = self.cas.store().has_many(&ids).await?;
+        let mut lacking = vec![false; chunks.len()];
+        for (&index, present) in fresh.iter().zip(present) {
+            lacking[index] = !present;
+        }
         let mut missing = Vec::new();
-        for ((index, id), present) in fresh.into_iter().zip(present) {
-            if !present {
-                self.awaited.insert(id, chunks[index as usize].len);
-                missing.push(index);
-            }
+        for (index, chunk) in chunks.iter().enumerate() {
+            let slot = if lacking[index] {
+                let (tx, rx) = oneshot::channel();
+                self.awaited.insert(chunk.id, (chunk.len, vec![tx]));
+                missing.push(index as u32);
+                Slot::Arriving(rx)
+            } else if let Some((_, waiting)) = self.awaited.get_mut(&chunk.id) {
+                // Repeated in the content before it arrived: it fills both places.
+                let (tx, rx) = oneshot::channel();
+                waiting.push(tx);
+                Slot::Arriving(rx)
+            } else {
+                Slot::Stored(*chunk)
+            };
+            // A failed assembler reports itself in `finish`.
+            let _ = self.slots.send(slot);
         }
         self.refs.extend_from_slice(chunks);
+        if !missing.is_empty() {
+            self.start_assembling(true);
+        }
         Ok(missing)
     }
 
-    /// Checks each frame against its chunk id and declared length and stores it as it came.
-    /// Only chunks this receive asked for are accepted.
+    fn start_assembling(&mut self, assemble: bool) {
+        if let Some(start) = self.start.take() {
+            // A failed assembler reports itself in `finish`.
+            let _ = start.send(assemble);
+        }
+    }
+
+    /// Checks each frame against its chunk id and declared length, stores it as it came and
+    /// hands its content to the assembler. Only chunks this receive asked for are accepted.
     pub async fn put(&mut self, frames: Vec<(ChunkId, Bytes)>) -> Result<()> {
         let mut checks = Vec::with_capacity(frames.len());
         for (id, data) in frames {
-            let Some(len) = self.awaited.remove(&id) else {
+            let Some((len, waiting)) = self.awaited.remove(&id) else {
                 return Err(Error::Rejected(format!(
                     "chunk {id} was sent but not asked for (not offered, already present or sent twice)"
                 )));
             };
-            checks.push((id, len, data));
+            checks.push((id, len, data, waiting));
         }
         let cas = self.cas.clone();
-        let checked: Vec<(ChunkId, Bytes)> = futures::stream::iter(checks)
-            .map(|(id, len, data)| {
+        let checked: Vec<_> = futures::stream::iter(checks)
+            .map(|(id, len, data, waiting)| {
                 let cas = cas.clone();
                 async move {
                     let frame = data.clone();
@@ -118,29 +280,46 @@ impl<S: ChunkStore> Receiver<S> {
                             decoded.len()
                         )));
                     }
-                    Ok((id, data))
+                    Ok((id, data, decoded, waiting))
                 }
             })
             .buffered(self.cas.concurrency())
             .try_collect()
             .await?;
-        for (id, data) in &checked {
+        let mut frames = Vec::with_capacity(checked.len());
+        let mut deliveries = Vec::with_capacity(checked.len());
+        for (id, data, decoded, waiting) in checked {
             self.stats.new_chunks += 1;
-            self.stats.new_bytes += u64::from(self.offered.get(id).map_or(0, |(len, _)| *len));
+            self.stats.new_bytes += decoded.len() as u64;
             self.stats.new_stored_bytes += data.len() as u64;
+            frames.push((id, data));
+            deliveries.push((decoded, waiting));
         }
-        self.cas.store().put_many(checked).await?;
+        // Stored before the assembler sees them: a later repeat of a chunk reads it back.
+        self.cas.store().put_many(frames).await?;
+        for (decoded, waiting) in deliveries {
+            for tx in waiting {
+                let permit = tokio::time::timeout(
+                    BACKLOG_WAIT,
+                    Arc::clone(&self.backlog).acquire_many_owned(decoded.len() as u32),
+                )
+                .await
+                .map_err(|_| {
+                    Error::Rejected(
+                        "chunks sent out of order, or the store stopped taking them".into(),
+                    )
+                })?
+                .map_err(|_| Error::Task("the receive backlog closed".into()))?;
+                // A failed assembler reports itself in `finish`.
+                let _ = tx.send((decoded.clone(), permit));
+            }
+        }
         Ok(())
     }
 
-    /// Every chunk asked for arrived: reads the whole content back into `out`, verifying each
-    /// chunk and the sender's `digests` and `length`, and returns it staged for commit.
-    pub async fn finish<W: std::io::Write + Send + 'static>(
-        self,
-        length: u64,
-        digests: ContentDigests,
-        out: W,
-    ) -> Result<(Staged, W)> {
+    /// Every chunk asked for arrived: waits for the assembler to finish the content and checks
+    /// it against the sender's `length` and `digests`. Returns the content staged for commit.
+    pub async fn finish(mut self, length: u64, digests: ContentDigests) -> Result<Received<W>> {
         if let Some(id) = self.awaited.keys().next() {
             return Err(Error::Rejected(format!(
                 "{} chunks asked for never arrived (one is {id})",
@@ -148,19 +327,45 @@ impl<S: ChunkStore> Receiver<S> {
             )));
         }
         self.cas.store().sync().await?;
-        let manifest = Manifest::new(self.refs, digests);
+        let manifest = Manifest::new(std::mem::take(&mut self.refs), digests);
         if manifest.len() != length {
             return Err(Error::Rejected(format!(
                 "the chunks add up to {} bytes, the commit says {length}",
                 manifest.len()
             )));
         }
-        let (_, out) = self.cas.write_verified(&manifest, out).await?;
+        // Nothing was missing: if the store holds this very manifest, its digests were
+        // verified against these chunks when it was stored, and the claim is proven.
+        let known = self.start.is_some() && self.cas.contains_manifest(manifest.id())?;
+        self.start_assembling(!known);
+        drop(self.slots);
+        let (out, written) = match self.assembler.await?? {
+            Assembled::Skipped(out) => (out, false),
+            Assembled::Whole(len, got, out) => {
+                if len != length || got.sha256 != digests.sha256 {
+                    return Err(Error::DigestMismatch {
+                        manifest: manifest.id(),
+                        algorithm: "sha256",
+                    });
+                }
+                if got.blake3 != digests.blake3 {
+                    return Err(Error::DigestMismatch {
+                        manifest: manifest.id(),
+                        algorithm: "blake3",
+                    });
+                }
+                (out, true)
+            }
+        };
         let stats = IngestStats {
             chunks: manifest.chunks().len() as u64,
             ..self.stats
         };
         let leases = self.offered.into_values().map(|(_, lease)| lease).collect();
-        Ok((Staged::new(manifest, stats, leases), out))
+        Ok(Received {
+            staged: Staged::new(manifest, stats, leases),
+            out,
+            written,
+        })
     }
 }

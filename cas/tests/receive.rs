@@ -27,7 +27,7 @@ fn cut(cas: &Cas, data: &[u8]) -> (Vec<ChunkRef>, Vec<Bytes>) {
 /// Offers `data` in batches of 7 and sends what is asked for; returns the frames sent.
 async fn send(cas: &Cas, data: &[u8]) -> sloth_cas::Result<(sloth_cas::ManifestId, usize)> {
     let (refs, frames) = cut(cas, data);
-    let mut receiver = cas.receive();
+    let mut receiver = cas.receive(Vec::new());
     let mut sent = 0;
     for (batch, batch_frames) in refs.chunks(7).zip(frames.chunks(7)) {
         let missing = receiver.offer(batch).await?;
@@ -38,11 +38,16 @@ async fn send(cas: &Cas, data: &[u8]) -> sloth_cas::Result<(sloth_cas::ManifestI
         sent += wanted.len();
         receiver.put(wanted).await?;
     }
-    let (staged, out) = receiver
-        .finish(data.len() as u64, ContentDigests::of(data), Vec::new())
+    let received = receiver
+        .finish(data.len() as u64, ContentDigests::of(data))
         .await?;
-    assert_eq!(out, data, "the verification read-back sees the content");
-    Ok((cas.commit(staged).await?, sent))
+    if received.written {
+        assert_eq!(received.out, data, "the assembled copy is the content");
+    } else {
+        assert!(received.out.is_empty());
+        assert_eq!(sent, 0, "skipped only when nothing was missing");
+    }
+    Ok((cas.commit(received.staged).await?, sent))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -62,9 +67,26 @@ fn received_content_reads_back_and_dedups() {
         assert_eq!(read_all(&cas, id).await.unwrap(), data);
         let chunks = cas.manifest(id).await.unwrap().chunks().len();
         assert!(sent > 0 && sent <= chunks);
-        // The same content again: nothing travels.
+        // The same content again: nothing travels, and the store, holding this very manifest,
+        // neither reads nor hashes it again.
         let (again, sent) = send(&cas, &data).await.unwrap();
         assert_eq!((again, sent), (id, 0));
+        let (refs, _) = cut(&cas, &data);
+        let mut receiver = cas.receive(Vec::new());
+        assert!(receiver.offer(&refs).await.unwrap().is_empty());
+        let received = receiver
+            .finish(data.len() as u64, ContentDigests::of(&data))
+            .await
+            .unwrap();
+        assert!(!received.written);
+        // Stored chunks under a false claim: no such manifest, so it is checked, and refused.
+        let mut receiver = cas.receive(Vec::new());
+        receiver.offer(&refs).await.unwrap();
+        let lie = receiver
+            .finish(data.len() as u64, ContentDigests::of(b"something else"))
+            .await
+            .unwrap_err();
+        assert!(matches!(lie, Error::DigestMismatch { .. }), "{lie}");
         // Empty content.
         let (empty, sent) = send(&cas, b"").await.unwrap();
         assert_eq!(
@@ -82,7 +104,7 @@ fn an_abandoned_receive_resumes_with_only_the_rest() {
         let (refs, frames) = cut(&cas, &data);
         let half = refs.len() / 2;
         {
-            let mut receiver = cas.receive();
+            let mut receiver = cas.receive(Vec::new());
             let missing = receiver.offer(&refs[..half]).await.unwrap();
             assert_eq!(missing.len(), half);
             let wanted = missing
@@ -108,7 +130,7 @@ fn lies_are_rejected_and_leave_nothing_visible() {
         let (_, other_frames) = cut(&cas, &other);
 
         // A frame whose content is not the chunk it claims to be.
-        let mut receiver = cas.receive();
+        let mut receiver = cas.receive(Vec::new());
         receiver.offer(&refs).await.unwrap();
         let err = receiver
             .put(vec![(refs[0].id, other_frames[0].clone())])
@@ -117,7 +139,7 @@ fn lies_are_rejected_and_leave_nothing_visible() {
         assert!(matches!(err, Error::CorruptChunk { .. }), "{err}");
 
         // A chunk nobody asked for.
-        let mut receiver = cas.receive();
+        let mut receiver = cas.receive(Vec::new());
         let err = receiver
             .put(vec![(refs[0].id, frames[0].clone())])
             .await
@@ -125,7 +147,7 @@ fn lies_are_rejected_and_leave_nothing_visible() {
         assert!(err.to_string().contains("not asked for"), "{err}");
 
         // A length that does not match the frame.
-        let mut receiver = cas.receive();
+        let mut receiver = cas.receive(Vec::new());
         let mut lying = refs.clone();
         lying[0].len += 1;
         receiver.offer(&lying).await.unwrap();
@@ -136,10 +158,10 @@ fn lies_are_rejected_and_leave_nothing_visible() {
         assert!(err.to_string().contains("offered as"), "{err}");
 
         // Chunks asked for that never came.
-        let mut receiver = cas.receive();
+        let mut receiver = cas.receive(Vec::new());
         receiver.offer(&refs).await.unwrap();
         let err = receiver
-            .finish(data.len() as u64, ContentDigests::of(&data), Vec::new())
+            .finish(data.len() as u64, ContentDigests::of(&data))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("never arrived"), "{err}");
@@ -149,18 +171,18 @@ fn lies_are_rejected_and_leave_nothing_visible() {
             (data.len() as u64, ContentDigests::of(&other)),
             (data.len() as u64 + 1, ContentDigests::of(&data)),
         ] {
-            let mut receiver = cas.receive();
+            let mut receiver = cas.receive(Vec::new());
             let missing = receiver.offer(&refs).await.unwrap();
             let wanted = missing
                 .iter()
                 .map(|&i| (refs[i as usize].id, frames[i as usize].clone()))
                 .collect();
             receiver.put(wanted).await.unwrap();
-            assert!(receiver.finish(length, digests, Vec::new()).await.is_err());
+            assert!(receiver.finish(length, digests).await.is_err());
         }
 
         // Out-of-range lengths.
-        let mut receiver = cas.receive();
+        let mut receiver = cas.receive(Vec::new());
         let zero = [ChunkRef {
             id: refs[0].id,
             len: 0,

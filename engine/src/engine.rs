@@ -207,7 +207,7 @@ impl Engine {
                     copy: file.try_clone().map_err(at(path))?,
                 };
                 let staged = self.cas.ingest_reader(tee).await?;
-                file.sync_data().map_err(at(path))?;
+                self.sync_copy_unless_known(path, file, staged.manifest().id())?;
                 staged
             }
             None => self.cas.ingest_reader(reader).await?,
@@ -215,36 +215,66 @@ impl Engine {
         self.commit_version(key, staged, principal, copy).await
     }
 
-    /// Makes content received from a client (see [`Receiver`]) a new version of `key`, once
-    /// the whole content has been read back and matched `length` and `digests`.
-    pub async fn upload_received(
+    /// Starts receiving content chunked by a client (see [`Receiver`]); with the layout on,
+    /// the content is copied into a staging object as it is assembled.
+    pub fn receive(&self) -> Result<Receiving> {
+        let (writer, copy): (Box<dyn std::io::Write + Send>, _) =
+            match self.layout.as_ref().map(|l| l.staging_file()).transpose()? {
+                Some((path, file)) => {
+                    let writer = file.try_clone().map_err(at(&path))?;
+                    (Box::new(writer), Some((path, file)))
+                }
+                None => (Box::new(std::io::sink()), None),
+            };
+        Ok(Receiving {
+            receiver: Some(self.cas.receive(writer)),
+            copy,
+        })
+    }
+
+    /// Makes received content a new version of `key`, once the whole content matched
+    /// `length` and `digests`.
+    pub async fn commit_received(
         &self,
         key: &ArtifactKey,
-        receiver: Receiver<PackStore>,
+        mut receiving: Receiving,
         length: u64,
         digests: ContentDigests,
         principal: &str,
     ) -> Result<ArtifactRecord> {
-        // The verification read-back writes the layout's copy, when there is one.
-        let copy = self.layout.as_ref().map(|l| l.staging_file()).transpose()?;
-        let result = async {
-            let staged = match &copy {
-                Some((path, file)) => {
-                    let out = file.try_clone().map_err(at(path))?;
-                    let (staged, out) = receiver.finish(length, digests, out).await?;
-                    out.sync_data().map_err(at(path))?;
-                    staged
-                }
-                None => receiver.finish(length, digests, std::io::sink()).await?.0,
-            };
-            self.commit_version(key, staged, principal, copy.as_ref())
-                .await
+        let receiver = receiving
+            .receiver
+            .take()
+            .ok_or_else(|| Error::CorruptRecord("receive committed twice".into()))?;
+        let received = receiver.finish(length, digests).await?;
+        // The content is written into the copy unless the store already had it whole.
+        let copy = receiving.copy.as_ref().filter(|_| received.written);
+        if let Some((path, file)) = copy {
+            self.sync_copy_unless_known(path, file, received.staged.manifest().id())?;
         }
-        .await;
-        if let (Err(_), Some((path, _))) = (&result, &copy) {
-            let _ = std::fs::remove_file(path);
+        let record = self
+            .commit_version(key, received.staged, principal, copy)
+            .await?;
+        if received.written {
+            // Adopted (or removed) by the commit: nothing for the drop to clean up.
+            receiving.copy = None;
         }
-        result
+        Ok(record)
+    }
+
+    /// Makes the layout's staging copy durable before the commit can adopt it, unless the
+    /// layout already has this content (then the copy is discarded, and syncing it would only
+    /// cost time: a re-upload of identical content writes nothing durable).
+    fn sync_copy_unless_known(
+        &self,
+        path: &Path,
+        file: &std::fs::File,
+        manifest: sloth_cas::ManifestId,
+    ) -> Result<()> {
+        if self.layout.as_ref().is_some_and(|l| l.has_object(manifest)) {
+            return Ok(());
+        }
+        file.sync_data().map_err(at(path))
     }
 
     /// Commits staged content as a new version of `key`: manifest, record and event in one
@@ -806,6 +836,41 @@ impl Engine {
             layout.rebuild(&self.cas, &newest, generation).await?;
         }
         Ok(())
+    }
+}
+
+/// Content being received from a client: feed it with [`Receiving::offer`] and
+/// [`Receiving::put`], then [`Engine::commit_received`]. Dropped uncommitted, it leaves only
+/// unreferenced chunks (for GC) and removes its layout copy.
+#[derive(Debug)]
+pub struct Receiving {
+    receiver: Option<Receiver<PackStore, Box<dyn std::io::Write + Send>>>,
+    copy: Option<(PathBuf, std::fs::File)>,
+}
+
+impl Receiving {
+    /// See [`Receiver::offer`].
+    pub async fn offer(&mut self, chunks: &[sloth_cas::ChunkRef]) -> Result<Vec<u32>> {
+        Ok(self.receiver_mut()?.offer(chunks).await?)
+    }
+
+    /// See [`Receiver::put`].
+    pub async fn put(&mut self, frames: Vec<(sloth_cas::ChunkId, bytes::Bytes)>) -> Result<()> {
+        Ok(self.receiver_mut()?.put(frames).await?)
+    }
+
+    fn receiver_mut(&mut self) -> Result<&mut Receiver<PackStore, Box<dyn std::io::Write + Send>>> {
+        self.receiver
+            .as_mut()
+            .ok_or_else(|| Error::CorruptRecord("receive already committed".into()))
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        if let Some((path, _)) = &self.copy {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sloth_cas::Cas;
+use sloth_cas::{Cas, ManifestId};
 
 use crate::error::at;
 use crate::{ArtifactKey, ArtifactRecord, Error, Result};
@@ -83,8 +83,17 @@ impl Layout {
     }
 
     fn object_path(&self, record: &ArtifactRecord) -> PathBuf {
-        let hex = record.manifest.to_hex();
+        self.manifest_path(record.manifest)
+    }
+
+    fn manifest_path(&self, manifest: ManifestId) -> PathBuf {
+        let hex = manifest.to_hex();
         self.objects.join(&hex[..2]).join(&hex)
+    }
+
+    /// Whether the content of `manifest` is already materialized.
+    pub(crate) fn has_object(&self, manifest: ManifestId) -> bool {
+        self.manifest_path(manifest).exists()
     }
 
     /// The materialized object of a version's content, written (verified) if missing.

@@ -36,7 +36,7 @@ mod record;
 mod sqlite;
 
 pub use config::{CONFIG_FILE, StoreConfigFile, config_path};
-pub use engine::{Engine, EngineConfig, ListQuery, Selector, StackUsage, open_upload};
+pub use engine::{Engine, EngineConfig, ListQuery, Receiving, Selector, StackUsage, open_upload};
 pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
 pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};
