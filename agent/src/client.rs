@@ -698,8 +698,8 @@ async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> Result<Option<T>> 
     }
 }
 
-fn decode_checked(expected: ChunkRef, data: &[u8]) -> Result<Bytes> {
-    let chunk = frame::decode(&expected.id, data)?;
+fn decode_checked(expected: ChunkRef, data: &Bytes) -> Result<Bytes> {
+    let chunk = frame::decode_shared(&expected.id, data)?;
     if chunk.len() != expected.len as usize {
         return Err(Error::Cas(sloth_cas::Error::CorruptChunk {
             id: expected.id,

@@ -918,7 +918,9 @@ impl<S: ChunkStore> Cas<S> {
                 id: c.id,
                 reason: "missing from the store".into(),
             })?;
-        let data = self.on_cpu(move || frame::decode(&c.id, &frame)).await??;
+        let data = self
+            .on_cpu(move || frame::decode_shared(&c.id, &frame))
+            .await??;
         if data.len() != c.len as usize {
             return Err(Error::CorruptChunk {
                 id: c.id,
@@ -1000,7 +1002,7 @@ async fn load_chunk<S: ChunkStore>(
     })?;
     let data = inner
         .cpu
-        .run(move || frame::decode(&c.id, &frame))
+        .run(move || frame::decode_shared(&c.id, &frame))
         .await??;
     if data.len() != c.len as usize {
         return Err(Error::CorruptChunk {

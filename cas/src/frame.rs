@@ -182,9 +182,58 @@ pub fn decode(id: &ChunkId, frame: &[u8]) -> Result<Bytes> {
     Ok(Bytes::from(data))
 }
 
+/// [`decode`] for a frame held in [`Bytes`]: a raw frame's content is returned as a slice of
+/// it, without a copy (raw frames are the incompressible ones, often most of a binary).
+pub fn decode_shared(id: &ChunkId, frame: &Bytes) -> Result<Bytes> {
+    let header =
+        FrameHeader::parse(frame).map_err(|reason| Error::CorruptChunk { id: *id, reason })?;
+    if header.codec != Codec::Raw {
+        return decode(id, frame);
+    }
+    let payload = frame.slice(HEADER_LEN..);
+    if payload.len() != header.len as usize {
+        return Err(Error::CorruptChunk {
+            id: *id,
+            reason: format!(
+                "raw payload is {} bytes, header says {}",
+                payload.len(),
+                header.len
+            ),
+        });
+    }
+    if ChunkId::digest(&payload) != *id {
+        return Err(Error::CorruptChunk {
+            id: *id,
+            reason: "content does not hash to the chunk id".into(),
+        });
+    }
+    Ok(payload)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_decoding_matches_copying_decoding() {
+        for data in [
+            b"sloth ".repeat(10_000),
+            (0..50_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        ] {
+            let id = ChunkId::digest(&data);
+            let frame = encode(&data, 3);
+            assert_eq!(
+                decode_shared(&id, &frame).unwrap(),
+                decode(&id, &frame).unwrap()
+            );
+            let mut bad = frame.to_vec();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(decode_shared(&id, &Bytes::from(bad)).is_err());
+        }
+    }
 
     #[test]
     fn compressible_round_trip() {

@@ -273,7 +273,9 @@ impl<S: ChunkStore, W> Receiver<S, W> {
                 let cas = cas.clone();
                 async move {
                     let frame = data.clone();
-                    let decoded = cas.on_cpu(move || frame::decode(&id, &frame)).await??;
+                    let decoded = cas
+                        .on_cpu(move || frame::decode_shared(&id, &frame))
+                        .await??;
                     if decoded.len() != len as usize {
                         return Err(Error::Rejected(format!(
                             "chunk {id} decodes to {} bytes, offered as {len}",

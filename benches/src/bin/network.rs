@@ -2,8 +2,10 @@
 //! run: an agent served in this process on 127.0.0.1:0, a client talking gRPC to it.
 //!
 //! ```text
-//! cargo run --release -p sloth-benches --bin network -- [--size-mib N] [--file PATH] [--work DIR]
+//! cargo run --release -p sloth-benches --bin network -- [--size-mib N] [--file PATH] [--work DIR] [--remote-upload-only]
 //! ```
+//!
+//! `--remote-upload-only` runs just the first remote upload (for profiling it with `perf`).
 //!
 //! Prints MB/s for: local upload (ingest with the layout copy), local download (verified, to a
 //! file, fsynced); remote first upload, remote re-upload of identical content, remote download;
@@ -91,6 +93,7 @@ async fn main() -> Result<()> {
     let mut size_mib = 1024u64;
     let mut file: Option<PathBuf> = None;
     let mut work = std::env::temp_dir().join("sloth-network");
+    let mut remote_upload_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -98,6 +101,7 @@ async fn main() -> Result<()> {
             "--size-mib" => size_mib = value()?.parse()?,
             "--file" => file = Some(value()?.into()),
             "--work" => work = value()?.into(),
+            "--remote-upload-only" => remote_upload_only = true,
             "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
@@ -118,6 +122,9 @@ async fn main() -> Result<()> {
     let key = ArtifactKey::new("bench.bin", Some("bench"), Some("network"))?;
     let out_dir = tempfile::tempdir_in(&work)?;
 
+    if remote_upload_only {
+        return remote_upload(&input, &work, &key).await;
+    }
     // Local: the embedded store, as `sloth-runner agent artifacts upload local` uses it.
     let local_dir = tempfile::tempdir_in(&work)?;
     let local = Engine::open(local_dir.path(), EngineConfig::default()).await?;
@@ -242,5 +249,40 @@ async fn main() -> Result<()> {
         reup_ratio,
         mark(reup_ratio >= 3.0)
     );
+    Ok(())
+}
+
+async fn remote_upload(input: &Path, work: &Path, key: &ArtifactKey) -> Result<()> {
+    let agent_dir = tempfile::tempdir_in(work)?;
+    let engine = Engine::open(agent_dir.path(), EngineConfig::default()).await?;
+    let bound = Bound::bind("127.0.0.1:0".parse()?).await?;
+    let addr = bound.local_addr().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = AgentConfig::new("bench-agent", bound.local_addr());
+    let server = tokio::spawn(sloth_agent::server::serve(
+        engine,
+        config,
+        bound,
+        None,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let link = Link {
+        addr: addr.clone(),
+        ..Link::default()
+    };
+    let remote = Remote::connect(&addr, &link).await?;
+    let phase = Phase::start();
+    remote
+        .upload(key, std::fs::File::open(input)?, None)
+        .await?;
+    let (took, cores) = phase.end();
+    println!(
+        "remote upload {:.2} s, {cores:.2} cores",
+        took.as_secs_f64()
+    );
+    let _ = stop.send(());
+    server.await??;
     Ok(())
 }
