@@ -19,7 +19,7 @@ pub const OFFER_WINDOW: usize = 4;
 /// Concurrent HTTP/2 streams (calls) per connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
-/// Calls an agent serves at once, over all connections.
+/// Calls an agent serves at once on one connection.
 pub const MAX_CONCURRENT_CALLS: usize = 256;
 
 /// A streaming call that receives nothing for this long fails with `DeadlineExceeded`.

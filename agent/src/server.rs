@@ -112,7 +112,10 @@ pub(crate) fn builder(tls: Option<&ServerTls>) -> Result<Server<tower::layer::ut
         .initial_stream_window_size(WINDOW)
         .initial_connection_window_size(WINDOW * 2)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Bounds unary calls (and a stream's start); streams bound themselves (IDLE_TIMEOUT,
+        // CALL_TIMEOUT).
+        .timeout(UNARY_TIMEOUT);
     if let Some(tls) = tls {
         server = server
             .tls_config(tls.config()?)

@@ -1,0 +1,261 @@
+//! A client that lies or breaks off gets an error and leaves nothing visible: the upload
+//! conversation driven by hand against an agent served in this process.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use sloth_agent::server::{AgentConfig, Bound};
+use sloth_cas::{ChunkId, ContentDigests, frame};
+use sloth_engine::{Engine, EngineConfig, ListQuery};
+use sloth_proto::artifacts::{self as pb, artifacts_client::ArtifactsClient, upload_request::Step};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+struct Agent {
+    client: ArtifactsClient<tonic::transport::Channel>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<sloth_agent::Result<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), EngineConfig::default())
+            .await
+            .unwrap();
+        let bound = Bound::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = bound.local_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(sloth_agent::server::serve(
+            engine,
+            AgentConfig::new("test", addr),
+            bound,
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let client = ArtifactsClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        Self {
+            client,
+            stop: Some(stop),
+            server,
+            dir,
+        }
+    }
+
+    /// Runs an upload conversation made of `steps`; returns the agent's final error, if any.
+    async fn upload(&mut self, steps: Vec<Step>) -> Result<Vec<pb::UploadResponse>, tonic::Status> {
+        let (tx, rx) = mpsc::channel(16);
+        for step in steps {
+            tx.send(pb::UploadRequest { step: Some(step) })
+                .await
+                .unwrap();
+        }
+        drop(tx); // the stream ends here, committed or not
+        let mut responses = self
+            .client
+            .upload(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = responses.message().await? {
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Stops the agent and returns how many versions its catalog holds.
+    async fn stop(mut self) -> usize {
+        let _ = self.stop.take().unwrap().send(());
+        self.server.await.unwrap().unwrap();
+        let engine = Engine::open(self.dir.path(), EngineConfig::default())
+            .await
+            .unwrap();
+        engine
+            .list(&ListQuery {
+                all_versions: true,
+                ..ListQuery::default()
+            })
+            .unwrap()
+            .len()
+    }
+}
+
+fn begin() -> Step {
+    Step::Begin(pb::Begin {
+        name: "app.bin".into(),
+        stack: Some("prod".into()),
+        task: Some("build".into()),
+    })
+}
+
+fn offer(data: &[u8]) -> (Step, ChunkId) {
+    let id = ChunkId::digest(data);
+    let step = Step::Offer(pb::Offer {
+        chunks: vec![pb::ChunkRef {
+            id: Bytes::copy_from_slice(id.as_bytes()),
+            len: data.len() as u32,
+        }],
+    });
+    (step, id)
+}
+
+fn frames(id: ChunkId, content: &[u8]) -> Step {
+    Step::Frames(pb::Frames {
+        frames: vec![pb::Frame {
+            id: Bytes::copy_from_slice(id.as_bytes()),
+            data: frame::encode(content, 3),
+        }],
+    })
+}
+
+fn commit(data: &[u8]) -> Step {
+    let d = ContentDigests::of(data);
+    Step::Commit(pb::Commit {
+        length: data.len() as u64,
+        sha256: Bytes::copy_from_slice(&d.sha256),
+        blake3: Bytes::copy_from_slice(&d.blake3),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lies_and_broken_conversations_leave_nothing() {
+    let mut agent = Agent::start().await;
+    let data = b"the real release binary".repeat(100);
+    let (offered, id) = offer(&data);
+
+    // The honest conversation works (and is the control for the rest).
+    let ok = agent
+        .upload(vec![
+            begin(),
+            offered.clone(),
+            frames(id, &data),
+            commit(&data),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(
+        ok.last().and_then(|r| r.step.as_ref()),
+        Some(pb::upload_response::Step::Committed(_))
+    ));
+
+    // Each case offers content of its own: chunks a failed case stored stay (unreferenced,
+    // for GC) and would not be asked for again.
+    let fresh = |n: u8| -> (Vec<u8>, Step, ChunkId) {
+        let content = [b"something else entirely, case ".as_slice(), &[n]]
+            .concat()
+            .repeat(100);
+        let (step, id) = offer(&content);
+        (content, step, id)
+    };
+    let (other, offered_other, other_id) = fresh(1);
+    let (other2, offered_other2, other2_id) = fresh(2);
+    let (other3, offered_other3, other3_id) = fresh(3);
+    // Same length as `other2`, one byte different.
+    let mut flipped = other2.clone();
+    flipped[0] ^= 1;
+    let cases: Vec<(&str, Vec<Step>, tonic::Code, &str)> = vec![
+        (
+            "bytes that are not the chunk",
+            vec![
+                begin(),
+                offered_other.clone(),
+                frames(other_id, &data),
+                commit(&other),
+            ],
+            tonic::Code::InvalidArgument,
+            "does not hash",
+        ),
+        (
+            "a commit whose digest is of other content",
+            vec![
+                begin(),
+                offered_other2,
+                frames(other2_id, &other2),
+                commit(&flipped),
+            ],
+            tonic::Code::InvalidArgument,
+            "does not match",
+        ),
+        (
+            "a stream cut before its commit",
+            vec![begin(), offered_other3, frames(other3_id, &other3)],
+            tonic::Code::Cancelled,
+            "nothing was stored",
+        ),
+        (
+            "no Begin",
+            vec![offered_other.clone()],
+            tonic::Code::InvalidArgument,
+            "must start with Begin",
+        ),
+        (
+            "a bad name",
+            vec![Step::Begin(pb::Begin {
+                name: "../etc/passwd".into(),
+                stack: None,
+                task: None,
+            })],
+            tonic::Code::InvalidArgument,
+            "invalid artifact name",
+        ),
+        (
+            "a chunk never asked for",
+            vec![begin(), frames(other_id, &other)],
+            tonic::Code::InvalidArgument,
+            "not asked for",
+        ),
+        (
+            "an oversized offer",
+            vec![
+                begin(),
+                Step::Offer(pb::Offer {
+                    chunks: vec![
+                        pb::ChunkRef {
+                            id: Bytes::copy_from_slice(other_id.as_bytes()),
+                            len: 1,
+                        };
+                        5000
+                    ],
+                }),
+            ],
+            tonic::Code::InvalidArgument,
+            "at most",
+        ),
+        (
+            "a malformed chunk id",
+            vec![
+                begin(),
+                Step::Offer(pb::Offer {
+                    chunks: vec![pb::ChunkRef {
+                        id: Bytes::from_static(b"short"),
+                        len: 1,
+                    }],
+                }),
+            ],
+            tonic::Code::InvalidArgument,
+            "chunk id of 5 bytes",
+        ),
+    ];
+    for (what, steps, code, says) in cases {
+        let err = agent.upload(steps).await.unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(err.message().contains(says), "{what}: {}", err.message());
+    }
+    // The agent still serves, and holds only the honest upload.
+    let listed = agent
+        .client
+        .list(pb::ListRequest {
+            all_versions: true,
+            ..pb::ListRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.artifacts.len(), 1);
+    assert_eq!(agent.stop().await, 1);
+}
