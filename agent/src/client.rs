@@ -93,6 +93,7 @@ impl Connection {
             .connect_timeout(CONNECT_TIMEOUT)
             .initial_stream_window_size(crate::server::WINDOW)
             .initial_connection_window_size(crate::server::WINDOW * 2)
+            .max_frame_size(crate::server::FRAME_SIZE)
             .http2_keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_while_idle(true);
         if let Some(tls) = tls {

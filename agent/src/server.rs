@@ -111,6 +111,7 @@ pub(crate) fn builder(tls: Option<&ServerTls>) -> Result<Server<tower::layer::ut
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .initial_stream_window_size(WINDOW)
         .initial_connection_window_size(WINDOW * 2)
+        .max_frame_size(FRAME_SIZE)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // Bounds unary calls (and a stream's start); streams bound themselves (IDLE_TIMEOUT,
@@ -126,6 +127,10 @@ pub(crate) fn builder(tls: Option<&ServerTls>) -> Result<Server<tower::layer::ut
 
 /// HTTP/2 flow-control window: the 64 KiB default caps a stream far below disk speed.
 pub(crate) const WINDOW: u32 = 8 << 20;
+
+/// Largest HTTP/2 frame either side accepts: 16 KiB (the default) splits each 4 MiB message
+/// into 256 frames.
+pub(crate) const FRAME_SIZE: u32 = 1 << 20;
 
 /// Serves `engine` on `bound` (and Prometheus metrics on `metrics`, when given) until
 /// `shutdown` completes; then stops accepting calls, lets those in flight finish for up to

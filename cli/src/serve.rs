@@ -168,7 +168,15 @@ pub(crate) async fn agent_get(
 ) -> anyhow::Result<()> {
     let master = Master::connect(&ctx.master(&format!("cannot find agent '{name}'"))?).await?;
     let a = master.get(name).await?;
-    let f = a.figures;
+    // The master's figures are as of the last heartbeat; the agent itself knows them now.
+    let live = async {
+        let remote = sloth_agent::client::Remote::connect(name, &ctx.link(&a.address)).await?;
+        remote.info().await
+    };
+    let (f, as_of) = match tokio::time::timeout(Duration::from_secs(3), live).await {
+        Ok(Ok((_, figures))) => (figures, "now"),
+        _ => (a.figures, "last heartbeat"),
+    };
     writeln!(out, "🤖 Agent Details")?;
     writeln!(out)?;
     let fields = [
@@ -181,7 +189,7 @@ pub(crate) async fn agent_get(
         ("Heartbeat:", utc_time(a.last_heartbeat)),
         (
             "Artifacts:",
-            format!("{} ({} versions)", f.artifacts, f.versions),
+            format!("{} ({} versions, as of {as_of})", f.artifacts, f.versions),
         ),
         ("Logical:", human_size(f.logical_bytes)),
         ("Stored:", human_size(f.stored_bytes)),
