@@ -69,7 +69,7 @@ impl Scope {
                 "List" | "Show" | "Events" | "Download" | "ConfirmDownload" | "Describe"
                 | "GetChunks" => Scope::Read,
                 "Upload" => Scope::Write,
-                "Delete" => Scope::Delete,
+                "Delete" | "Cleanup" => Scope::Delete,
                 _ => Scope::Admin,
             },
             Some(("/sloth.artifacts.v1.Agent", "Info")) => Scope::Read,

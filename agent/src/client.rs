@@ -248,6 +248,15 @@ pub struct Downloaded {
     pub bytes_received: u64,
 }
 
+/// Which policy a remote cleanup runs.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    /// A built-in, by name.
+    Builtin(String),
+    /// A module's bytes.
+    Module(Vec<u8>),
+}
+
 /// Counts bytes as they are read, for progress bars.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
@@ -401,6 +410,56 @@ impl Remote {
                 versions: f.versions,
                 logical_bytes: f.logical_bytes,
                 stored_bytes: f.stored_bytes,
+            },
+        ))
+    }
+
+    /// Runs a retention policy on the agent (see [`sloth_engine::Engine::cleanup`]): a
+    /// built-in by name, or a module's bytes. Returns the policy's name and the report.
+    pub async fn cleanup(
+        &self,
+        policy: PolicySource,
+        params: std::collections::BTreeMap<String, String>,
+        stack: Option<String>,
+        dry_run: bool,
+    ) -> Result<(String, sloth_engine::CleanupReport)> {
+        let policy = match policy {
+            PolicySource::Builtin(name) => pb::cleanup_request::Policy::Builtin(name),
+            PolicySource::Module(bytes) => pb::cleanup_request::Policy::Module(bytes.into()),
+        };
+        let r = self
+            .conn
+            .artifacts()
+            .cleanup(unary(pb::CleanupRequest {
+                policy: Some(policy),
+                params: params.into_iter().collect(),
+                stack,
+                dry_run,
+            }))
+            .await
+            .map_err(|s| self.conn.fail(s))?
+            .into_inner();
+        let doomed = r
+            .doomed
+            .into_iter()
+            .map(|d| {
+                let artifact = d
+                    .artifact
+                    .ok_or_else(|| Error::Protocol("a cleanup entry without an artifact".into()))?;
+                Ok(sloth_engine::Doomed {
+                    record: convert::record(artifact)?.0,
+                    reason: d.reason,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((
+            r.policy,
+            sloth_engine::CleanupReport {
+                evaluated: r.evaluated as usize,
+                doomed,
+                deleted: r.deleted as usize,
+                logical_bytes: r.logical_bytes,
+                freed_bytes: r.freed_bytes,
             },
         ))
     }

@@ -171,9 +171,14 @@ pub async fn serve(
         }
         None => None,
     };
+    let policies = Arc::new(
+        sloth_policies::PolicyHost::new(sloth_policies::Limits::default())
+            .map_err(|e| Error::Config(e.to_string()))?,
+    );
     let artifacts = artifacts_server::ArtifactsServer::new(ArtifactsService {
         engine: Arc::clone(&engine),
         metrics: Arc::clone(&metrics),
+        policies,
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
@@ -327,6 +332,7 @@ impl agent_server::Agent for InfoService {
 struct ArtifactsService {
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
+    policies: Arc<sloth_policies::PolicyHost>,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -587,6 +593,72 @@ impl artifacts_server::Artifacts for ArtifactsService {
         Ok(Response::new(self.header(request.into_inner()).await?))
     }
 
+    async fn cleanup(
+        &self,
+        request: Request<pb::CleanupRequest>,
+    ) -> Result<Response<pb::CleanupResponse>, Status> {
+        let principal = principal(&request);
+        let r = request.into_inner();
+        let policy = match r.policy {
+            Some(pb::cleanup_request::Policy::Builtin(name)) => {
+                let bytes = sloth_policies::builtin(&name).ok_or_else(|| {
+                    protocol(format!(
+                        "no built-in policy '{name}' (built-ins: {})",
+                        sloth_policies::builtin_names()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                self.policies.load(bytes, &name)
+            }
+            Some(pb::cleanup_request::Policy::Module(bytes)) => {
+                if bytes.len() > 16 << 20 {
+                    return Err(protocol("a policy module larger than 16 MiB"));
+                }
+                self.policies.load(&bytes, "uploaded module")
+            }
+            None => return Err(protocol("a cleanup names a policy")),
+        }
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = policy.metadata.name.clone();
+        let report = self
+            .engine
+            .cleanup(
+                &self.policies,
+                sloth_engine::CleanupRequest {
+                    policy,
+                    params: r.params.into_iter().collect(),
+                    stack: optional_name("stack", r.stack)?,
+                    now: now_secs(),
+                    dry_run: r.dry_run,
+                },
+                &principal,
+            )
+            .await
+            .map_err(|e| match e {
+                sloth_engine::Error::Policy(p) => Status::failed_precondition(p.to_string()),
+                other => status(&other),
+            })?;
+        self.metrics
+            .deletes
+            .fetch_add(report.deleted as u64, Relaxed);
+        Ok(Response::new(pb::CleanupResponse {
+            policy: name,
+            evaluated: report.evaluated as u64,
+            doomed: report
+                .doomed
+                .iter()
+                .map(|d| pb::Doomed {
+                    artifact: Some(convert::artifact(&d.record, None)),
+                    reason: d.reason.clone(),
+                })
+                .collect(),
+            deleted: report.deleted as u64,
+            logical_bytes: report.logical_bytes,
+            freed_bytes: report.freed_bytes,
+        }))
+    }
+
     type GetChunksStream = ResponseStream<pb::Frames>;
 
     async fn get_chunks(
@@ -613,6 +685,12 @@ impl artifacts_server::Artifacts for ArtifactsService {
             self.metrics.timer("get_chunks"),
         ))))
     }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The stored frames of `ids`, in order, packed into messages of about [`FRAMES_BYTES`].

@@ -88,6 +88,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: MasterCommand,
     },
+    /// Retention policies: look inside one, or try it on a fixture.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Tokens for agents and the master.
     Token {
         #[command(subcommand)]
@@ -158,6 +163,29 @@ pub(crate) struct MasterStartArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Show a policy's metadata, imports and exports, without running it.
+    Inspect {
+        /// A policy module (FILE.wasm) or a built-in's name.
+        policy: String,
+    },
+    /// Run a policy on artifacts from a JSON file and print its decisions; no store is touched.
+    Test {
+        /// A policy module (FILE.wasm) or a built-in's name.
+        policy: String,
+        /// JSON: an array of artifacts ({id, name, stack, task, size, created_at, ...}).
+        #[arg(long, value_name = "FIXTURE.json")]
+        artifacts: PathBuf,
+        /// The time to judge by, Unix seconds (default: now).
+        #[arg(long, value_name = "UNIX_SECONDS")]
+        now: Option<i64>,
+        /// A parameter for the policy (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = key_value)]
+        params: Vec<(String, String)>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub(crate) enum TokenCommand {
     /// Make a random token and print it with the token-file line that grants it.
     New {
@@ -188,6 +216,50 @@ pub(crate) enum ArtifactsCommand {
     Delete(DeleteArgs),
     /// Copy an artifact from one agent to another; only chunks the target lacks travel.
     Copy(CopyArgs),
+    /// Delete what a retention policy chooses: by default, versions older than --older-than.
+    #[command(after_help = SIZES_AND_TIMES)]
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CleanupArgs {
+    /// Agent name: `local`, a name the master knows, or host:port.
+    pub(crate) agent: String,
+    /// Remove artifact versions older than this: a number and d, h, m or s (7d, 30d, 6h, 1h,
+    /// 45m, 0d). Default 30d; the parameter of the built-in `older-than` policy.
+    #[arg(long, value_name = "DURATION", value_parser = duration, conflicts_with = "policy", allow_hyphen_values = true)]
+    pub(crate) older_than: Option<String>,
+    /// Limit cleanup to one stack.
+    #[arg(long, short = 's')]
+    pub(crate) stack: Option<String>,
+    /// List what would be deleted, with the policy's reasons, and delete nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Another policy: a built-in (older-than, keep-last, max-total-size, unused-for) or a
+    /// policy module (FILE.wasm).
+    #[arg(long, value_name = "BUILTIN|FILE.wasm")]
+    pub(crate) policy: Option<String>,
+    /// A parameter for the policy (repeatable), e.g. --param count=5.
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub(crate) params: Vec<(String, String)>,
+}
+
+/// A duration as cleanup takes it, checked up front so a typo never reaches a policy.
+fn duration(text: &str) -> Result<String, String> {
+    match sloth_policies::parse_duration(text) {
+        Some(_) => Ok(text.to_owned()),
+        None => Err(format!(
+            "'{text}' is not a duration: use a whole number and a unit, d (days), h (hours), \
+             m (minutes) or s (seconds), as in 7d, 30d, 6h, 1h, 45m or 0d"
+        )),
+    }
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@
 mod agent;
 mod args;
 mod artifacts;
+mod cleanup;
 mod events;
 mod format;
 mod progress;
@@ -17,7 +18,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::args::{
-    AgentCommand, ArtifactsCommand, Cli, Command, EventsCommand, MasterCommand, TokenCommand,
+    AgentCommand, ArtifactsCommand, Cli, Command, EventsCommand, MasterCommand, PolicyCommand,
+    TokenCommand,
 };
 
 #[tokio::main]
@@ -105,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     artifacts::delete(&ctx, args, &mut out, &mut std::io::stdin().lock()).await?
                 }
                 ArtifactsCommand::Copy(args) => artifacts::copy(&ctx, args, &mut out).await?,
+                ArtifactsCommand::Cleanup(args) => cleanup::cleanup(&ctx, args, &mut out).await?,
             },
             AgentCommand::Start(args) => {
                 drop(out);
@@ -121,6 +124,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve::master_start(args, &mut std::io::stdout()).await?;
             return Ok(());
         }
+        Command::Policy { command } => match command {
+            PolicyCommand::Inspect { policy } => cleanup::inspect(&policy, &mut out)?,
+            PolicyCommand::Test {
+                policy,
+                artifacts,
+                now,
+                params,
+            } => cleanup::test(&policy, &artifacts, now, params, &mut out)?,
+        },
         Command::Token {
             command: TokenCommand::New { scopes, principal },
         } => serve::token_new(&scopes, &principal, &mut out)?,

@@ -394,6 +394,35 @@ fn spec_commands_work_against_agents_found_through_the_master() {
     let closed = net.fails(&["agent", "artifacts", "list", "127.0.0.1:1"]);
     assert!(closed.contains("is not reachable"), "{closed}");
 
+    // Cleanup runs on the agent: a dry run lists, then the built-in deletes.
+    let dry = ok(&[
+        "agent",
+        "artifacts",
+        "cleanup",
+        "build-agent",
+        "--older-than",
+        "0d",
+        "--dry-run",
+    ]);
+    assert!(
+        dry.starts_with("ℹ Dry run: policy 'older-than' would delete 1 artifact of 1"),
+        "{dry}"
+    );
+    let cleaned = ok(&[
+        "agent",
+        "artifacts",
+        "cleanup",
+        "build-agent",
+        "--older-than",
+        "0d",
+    ]);
+    assert!(
+        cleaned.starts_with("✓ Deleted 1 artifact, freed "),
+        "{cleaned}"
+    );
+    let empty = ok(&["agent", "artifacts", "list", "build-agent"]);
+    assert!(empty.ends_with("ℹ Total: 0 artifacts\n"), "{empty}");
+
     // Graceful stop.
     let log = build.stop();
     assert!(log.contains("shutting down"), "{log}");
@@ -527,6 +556,8 @@ fn tokens_are_checked_with_scopes_and_recorded_as_principals() {
         "--force",
     ]);
     assert!(cannot_delete.contains("'delete' scope"), "{cannot_delete}");
+    let cleanup = net.fails(&["--token", "r3ader", "agent", "artifacts", "cleanup", a]);
+    assert!(cleanup.contains("'delete' scope"), "{cleanup}");
     let events = net.ok(&["--token", "r3ader", "events", "list", "--agent", a]);
     assert!(events.contains("ci-bot"), "{events}");
     assert!(!events.contains("unverified"));

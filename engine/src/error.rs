@@ -113,6 +113,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A retention policy failed (and so deleted nothing).
+    #[error(transparent)]
+    Policy(#[from] sloth_policies::Error),
+
     /// Another I/O error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

@@ -27,6 +27,7 @@
 //! # }
 //! ```
 
+mod cleanup;
 mod config;
 mod engine;
 mod error;
@@ -35,6 +36,7 @@ mod name;
 mod record;
 mod sqlite;
 
+pub use cleanup::{CleanupReport, CleanupRequest, Doomed};
 pub use config::{CONFIG_FILE, StoreConfigFile, config_path};
 pub use engine::{Engine, EngineConfig, ListQuery, Receiving, Selector, StackUsage, open_upload};
 pub use error::{Error, Result};

@@ -1,0 +1,131 @@
+//! Cleanup: a retention policy decides, the catalog deletes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sloth_policies::{Action, Artifact, Policy, PolicyHost};
+
+use crate::{ArtifactRecord, Engine, Error, ListQuery, Result, Selector};
+
+/// What to clean up and how.
+#[derive(Debug, Clone)]
+pub struct CleanupRequest {
+    /// The policy that decides.
+    pub policy: Policy,
+    /// Its parameters.
+    pub params: BTreeMap<String, String>,
+    /// Only artifacts of this stack are shown to the policy (all when `None`).
+    pub stack: Option<String>,
+    /// The time the policy judges by (Unix seconds).
+    pub now: i64,
+    /// Decide only; delete nothing.
+    pub dry_run: bool,
+}
+
+/// A version the policy chose to delete, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doomed {
+    /// The version.
+    pub record: ArtifactRecord,
+    /// The policy's reason.
+    pub reason: String,
+}
+
+/// What a cleanup did (or, dry, would do).
+#[derive(Debug, Clone, Default)]
+pub struct CleanupReport {
+    /// Versions shown to the policy.
+    pub evaluated: usize,
+    /// Versions the policy chose to delete.
+    pub doomed: Vec<Doomed>,
+    /// Versions actually deleted (fewer than `doomed` when some went away meanwhile; 0 when dry).
+    pub deleted: usize,
+    /// Sum of the deleted versions' sizes.
+    pub logical_bytes: u64,
+    /// Disk space the store gave back: its frame bytes before minus after, so shared chunks
+    /// still used elsewhere do not count.
+    pub freed_bytes: u64,
+}
+
+impl Engine {
+    /// Shows every version (of `request.stack`, or all) to the policy and deletes the ones it
+    /// decides to delete. A failing policy deletes nothing.
+    pub async fn cleanup(
+        &self,
+        host: &Arc<PolicyHost>,
+        request: CleanupRequest,
+        principal: &str,
+    ) -> Result<CleanupReport> {
+        let records = self.list(&ListQuery {
+            stack: request.stack.clone(),
+            all_versions: true,
+            ..ListQuery::default()
+        })?;
+        let batch: Vec<Artifact> = records.iter().map(policy_view).collect();
+        let evaluated = batch.len();
+        let host = Arc::clone(host);
+        let (policy, params, now) = (request.policy.clone(), request.params.clone(), request.now);
+        let decisions =
+            tokio::task::spawn_blocking(move || host.evaluate(&policy, now, &params, &batch))
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        let doomed: Vec<Doomed> = records
+            .into_iter()
+            .zip(decisions)
+            .filter(|(_, d)| d.action == Action::Delete)
+            .map(|(record, d)| Doomed {
+                record,
+                reason: d.reason,
+            })
+            .collect();
+        let mut report = CleanupReport {
+            evaluated,
+            ..CleanupReport::default()
+        };
+        if request.dry_run {
+            report.logical_bytes = doomed.iter().map(|d| d.record.size).sum();
+            report.doomed = doomed;
+            return Ok(report);
+        }
+        let who = format!("{principal} via policy {}", request.policy.metadata.name);
+        let before = self.cas().stats().await?.stored_bytes;
+        for d in &doomed {
+            let exact = Selector {
+                name: d.record.name.clone(),
+                stack: Some(d.record.stack.clone()),
+                task: Some(d.record.task.clone()),
+                version: Some(d.record.version),
+            };
+            match self.delete(&exact, &who).await {
+                Ok(_) => {
+                    report.deleted += 1;
+                    report.logical_bytes += d.record.size;
+                }
+                // Deleted by someone else meanwhile: nothing left to do for it.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let after = self.cas().stats().await?.stored_bytes;
+        report.freed_bytes = before.saturating_sub(after);
+        report.doomed = doomed;
+        Ok(report)
+    }
+}
+
+/// A record as a policy sees it.
+fn policy_view(r: &ArtifactRecord) -> Artifact {
+    Artifact {
+        id: r.id.to_string(),
+        name: r.name.clone(),
+        stack: r.stack.clone(),
+        task: r.task.clone(),
+        version: r.version,
+        size: r.size,
+        created_at: r.created_at,
+        modified_at: r.modified_at,
+        download_count: r.download_count,
+        last_download_at: r.last_download_at,
+        checksum: r.checksum.clone(),
+    }
+}
