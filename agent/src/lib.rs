@@ -17,6 +17,7 @@ mod error;
 pub mod limits;
 pub mod master;
 pub mod metrics;
+mod retention;
 pub mod server;
 pub mod tls;
 

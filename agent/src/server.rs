@@ -46,6 +46,10 @@ pub struct AgentConfig {
     pub insecure: bool,
     /// How long a shutdown waits for calls in flight before cutting them off.
     pub grace: Duration,
+    /// Retention rules to run on schedule.
+    pub retention: Vec<sloth_engine::RetentionRule>,
+    /// Where relative policy module paths of the rules are found (the config file's folder).
+    pub policy_dir: std::path::PathBuf,
 }
 
 impl AgentConfig {
@@ -61,6 +65,8 @@ impl AgentConfig {
             tokens: None,
             insecure: false,
             grace: Duration::from_secs(30),
+            retention: Vec::new(),
+            policy_dir: std::path::PathBuf::from("."),
         }
     }
 }
@@ -175,6 +181,12 @@ pub async fn serve(
         sloth_policies::PolicyHost::new(sloth_policies::Limits::default())
             .map_err(|e| Error::Config(e.to_string()))?,
     );
+    let retention = crate::retention::spawn(
+        Arc::clone(&engine),
+        Arc::clone(&policies),
+        config.retention.clone(),
+        config.policy_dir.clone(),
+    );
     let artifacts = artifacts_server::ArtifactsServer::new(ArtifactsService {
         engine: Arc::clone(&engine),
         metrics: Arc::clone(&metrics),
@@ -220,6 +232,9 @@ pub async fn serve(
         }
     };
     if let Some(task) = heartbeat {
+        task.abort();
+    }
+    for task in retention {
         task.abort();
     }
     let _ = stop_tx.send(true);
@@ -631,6 +646,7 @@ impl artifacts_server::Artifacts for ArtifactsService {
                     stack: optional_name("stack", r.stack)?,
                     now: now_secs(),
                     dry_run: r.dry_run,
+                    max_share: None,
                 },
                 &principal,
             )

@@ -70,6 +70,7 @@ pub(crate) async fn cleanup(
                 stack: args.stack,
                 now,
                 dry_run: args.dry_run,
+                max_share: None,
             };
             (
                 name,

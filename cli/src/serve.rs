@@ -76,6 +76,19 @@ pub(crate) async fn agent_start(
     config.tls = tls;
     config.tokens = tokens;
     let engine = agent::open_local(&ctx.data_dir, args.config.as_deref(), &args.name).await?;
+    let config_file = args
+        .config
+        .clone()
+        .unwrap_or_else(|| sloth_engine::config_path(&ctx.data_dir));
+    config.retention = match &args.config {
+        Some(path) => sloth_engine::StoreConfigFile::load_from(path)?,
+        None => sloth_engine::StoreConfigFile::load(&ctx.data_dir)?,
+    }
+    .retention;
+    config.policy_dir = config_file
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
     let bound = Bound::bind(config.bind).await?;
     let metrics = match args.metrics_port {
         Some(port) => Some(Bound::bind(SocketAddr::new(args.serve.bind, port)).await?),
@@ -96,6 +109,14 @@ pub(crate) async fn agent_start(
     )?;
     if let Some(metrics) = &metrics {
         writeln!(out, "ℹ Metrics on http://{}/metrics", metrics.local_addr())?;
+    }
+    for rule in &config.retention {
+        writeln!(
+            out,
+            "ℹ Retention: {} every {}",
+            rule.fingerprint(),
+            rule.every
+        )?;
     }
     if let Some(master) = &config.master {
         writeln!(out, "ℹ Registering with the master at {}", master.addr)?;

@@ -692,3 +692,86 @@ fn unsafe_or_broken_server_settings_are_refused() {
     ]);
     assert!(junk.contains("not a PEM file"), "{junk}");
 }
+
+#[test]
+fn retention_rules_run_on_schedule_with_their_safety_rails() {
+    let net = Net::new();
+    let data = net.path("keeper-data");
+    // Three versions of one artifact and one of another, stored before the agent starts.
+    for (i, name) in ["app.bin", "app.bin", "app.bin", "other.bin"]
+        .iter()
+        .enumerate()
+    {
+        std::fs::write(net.path(name), format!("content {i}").repeat(1000)).unwrap();
+        let out = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["agent", "artifacts", "upload", "local", name])
+            .current_dir(net.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let config = net.path("agent.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[retention]]
+policy = "keep-last"
+params = { count = "1" }
+every = "1h"
+dry_run_first = false
+max_share = 1.0
+
+[[retention]]
+policy = "keep-last"
+params = { count = "0" }
+every = "1h"
+dry_run_first = false
+max_share = 0.1
+
+[[retention]]
+policy = "unused-for"
+params = { unused_for = "0d" }
+every = "1h"
+
+[[retention]]
+policy = "missing.wasm"
+every = "1h"
+"#,
+    )
+    .unwrap();
+    let agent = net.agent("keeper", None, &["--config", config.to_str().unwrap()]);
+    let a = agent.addr.as_str();
+    // The first runs come two seconds after start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let events = loop {
+        let events = net.ok(&["events", "list", "--agent", a, "--output", "json"]);
+        if events.matches("\"artifact.cleanup\"").count() >= 2
+            && events.matches("\"policy.failed\"").count() >= 2
+        {
+            break events;
+        }
+        assert!(std::time::Instant::now() < deadline, "{events}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    // keep-last count=1 deleted the two older versions of app.bin.
+    let listed = net.ok(&["agent", "artifacts", "list", a, "--all-versions"]);
+    assert!(
+        listed.ends_with("ℹ Total: 2 artifact versions\n"),
+        "{listed}"
+    );
+    assert!(events.contains("retention keep-last(count=1)"), "{events}");
+    // count=0 would delete everything: over its 10% cap, so it deleted nothing.
+    assert!(events.contains("more than the 10% cap"), "{events}");
+    // A rule new to the store first only reports.
+    assert!(events.contains("(first run: dry run)"), "{events}");
+    assert!(
+        events.contains("cannot read the policy module 'missing.wasm'"),
+        "{events}"
+    );
+}

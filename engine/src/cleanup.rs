@@ -20,6 +20,9 @@ pub struct CleanupRequest {
     pub now: i64,
     /// Decide only; delete nothing.
     pub dry_run: bool,
+    /// Refuse to delete more than this share of the evaluated versions (a safety rail for
+    /// scheduled runs); `None` for no cap.
+    pub max_share: Option<f64>,
 }
 
 /// A version the policy chose to delete, and why.
@@ -82,6 +85,17 @@ impl Engine {
             evaluated,
             ..CleanupReport::default()
         };
+        if let Some(cap) = request.max_share
+            && !request.dry_run
+            && doomed.len() as f64 > cap * evaluated as f64
+        {
+            return Err(Error::CleanupCapped {
+                policy: request.policy.metadata.name.clone(),
+                would: doomed.len(),
+                of: evaluated,
+                cap,
+            });
+        }
         if request.dry_run {
             report.logical_bytes = doomed.iter().map(|d| d.record.size).sum();
             report.doomed = doomed;

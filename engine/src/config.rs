@@ -19,8 +19,17 @@ pub const CONFIG_FILE: &str = "config.toml";
 /// avg_chunk_size = 524288 # bytes, power of two, 1 KiB–4 MiB (default 262144); fixed when
 ///                         # the store is created: a different value later is refused
 /// zstd_level = 3          # zstd level for new chunks (default 3)
+///
+/// # Retention rules, run on schedule by `sloth-runner agent start` (not by `local` commands)
+/// [[retention]]
+/// policy = "keep-last"    # a built-in or a path to a policy module (.wasm)
+/// params = { count = "5" }
+/// stack = "production"    # only this stack (default: all)
+/// every = "1h"            # how often (at least 1m)
+/// max_share = 0.5         # never delete more than this share of the versions in one run
+/// dry_run_first = true    # the first run of a rule new to this store only reports (default)
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfigFile {
     /// Keep the layout projection.
@@ -29,6 +38,53 @@ pub struct StoreConfigFile {
     pub avg_chunk_size: Option<u32>,
     /// zstd level for new chunks.
     pub zstd_level: Option<i32>,
+    /// Retention rules an agent runs on schedule.
+    #[serde(default)]
+    pub retention: Vec<RetentionRule>,
+}
+
+/// One scheduled retention rule (see [`StoreConfigFile`]).
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// A built-in policy's name or a policy module's path.
+    pub policy: String,
+    /// The policy's parameters.
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
+    /// Only this stack.
+    pub stack: Option<String>,
+    /// How often, as a duration (`1h`, `30m`, `1d`).
+    pub every: String,
+    /// Largest share of the versions one run may delete (default 0.5).
+    pub max_share: Option<f64>,
+    /// Whether the first run of a rule new to this store only reports (default true).
+    pub dry_run_first: Option<bool>,
+}
+
+impl RetentionRule {
+    /// The interval in seconds.
+    pub fn every_secs(&self) -> u64 {
+        sloth_policies::parse_duration(&self.every).map_or(3600, |s| s.max(60) as u64)
+    }
+
+    /// A name for this rule in events and logs: policy, parameters and stack.
+    pub fn fingerprint(&self) -> String {
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!(
+            "{}({}){}",
+            self.policy,
+            params.join(","),
+            self.stack
+                .as_deref()
+                .map(|s| format!(" on stack {s}"))
+                .unwrap_or_default()
+        )
+    }
 }
 
 impl StoreConfigFile {
@@ -71,6 +127,28 @@ impl StoreConfigFile {
             && !(1..=22).contains(&level)
         {
             return Err(format!("zstd_level must be 1 to 22, got {level}"));
+        }
+        for (i, rule) in parsed.retention.iter().enumerate() {
+            let at = |what: String| format!("retention rule {}: {what}", i + 1);
+            match sloth_policies::parse_duration(&rule.every) {
+                Some(secs) if secs >= 60 => {}
+                _ => {
+                    return Err(at(format!(
+                        "every = \"{}\" must be a duration of at least 1m, like 30m, 6h or 1d",
+                        rule.every
+                    )));
+                }
+            }
+            if let Some(share) = rule.max_share
+                && !(share > 0.0 && share <= 1.0)
+            {
+                return Err(at(format!(
+                    "max_share must be above 0 and at most 1, got {share}"
+                )));
+            }
+            if let Some(stack) = &rule.stack {
+                crate::Name::parse("stack", stack).map_err(|e| at(e.to_string()))?;
+            }
         }
         Ok(parsed)
     }
@@ -122,6 +200,9 @@ mod tests {
             "avg_chunk_size = 1000",
             "zstd_level = 99",
             "layout = \"no\"",
+            "[[retention]]\npolicy = \"keep-last\"\nevery = \"10s\"",
+            "[[retention]]\npolicy = \"keep-last\"\nevery = \"1h\"\nmax_share = 2.0",
+            "[[retention]]\npolicy = \"keep-last\"\nevery = \"1h\"\nstak = \"x\"",
         ] {
             std::fs::write(config_path(dir.path()), bad).unwrap();
             let err = StoreConfigFile::load(dir.path()).unwrap_err().to_string();

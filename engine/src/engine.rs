@@ -759,6 +759,72 @@ impl Engine {
         Ok(usage.into_values().map(|(u, _)| u).collect())
     }
 
+    /// Records an event that is not about one artifact version — a cleanup run, a failed
+    /// policy: `name` carries what it is about (a policy), `stack` the stack it covered (`*`
+    /// for all), `count` a number of versions (in the version column) and `size` a byte count
+    /// (freed bytes for a cleanup run).
+    pub async fn record_event(
+        &self,
+        kind: &str,
+        principal: &str,
+        stack: &str,
+        name: &str,
+        count: u32,
+        size: u64,
+    ) -> Result<Event> {
+        let now = now_secs();
+        let _write = self.write.lock().await;
+        let event = (&self.events, &self.meta)
+            .transaction(|(events, meta)| {
+                let seq = events.generate_id()?;
+                let event = Event {
+                    seq,
+                    time: now,
+                    kind: kind.into(),
+                    agent: self.agent.clone(),
+                    principal: principal.into(),
+                    artifact_id: ArtifactId::from_u128(0),
+                    stack: stack.into(),
+                    task: String::new(),
+                    name: name.into(),
+                    version: count,
+                    size,
+                };
+                events.insert(&seq.to_be_bytes(), event.encode())?;
+                let generation = meta.get(GENERATION)?.map_or(0, |v| decode_u64(&v)) + 1;
+                meta.insert(GENERATION, &generation.to_be_bytes())?;
+                Ok(event)
+            })
+            .map_err(|e: sled::transaction::TransactionError<sloth_cas::Error>| {
+                Error::from(tx_error(e))
+            })?;
+        self.cas.flush().await?;
+        let generation = self.generation()?;
+        warn_stale(self.sqlite.event_only(&event, generation).and_then(|()| {
+            // No record changed: the layout is current at this generation too.
+            match &self.layout {
+                Some(layout) => layout.set_generation(generation),
+                None => Ok(()),
+            }
+        }));
+        Ok(event)
+    }
+
+    /// Whether a retention rule (by its fingerprint) has run on this store before.
+    pub fn retention_rule_seen(&self, fingerprint: &str) -> Result<bool> {
+        Ok(self
+            .meta
+            .contains_key(format!("retention_seen:{fingerprint}"))?)
+    }
+
+    /// Remembers that a retention rule has run on this store.
+    pub fn mark_retention_rule_seen(&self, fingerprint: &str) -> Result<()> {
+        self.meta
+            .insert(format!("retention_seen:{fingerprint}"), &[])?;
+        self.meta.flush()?;
+        Ok(())
+    }
+
     /// Records an event inside a catalog transaction and bumps the catalog generation.
     fn event_tx(
         &self,

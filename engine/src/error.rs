@@ -113,6 +113,22 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A cleanup would delete more than its cap allows, so it deleted nothing.
+    #[error(
+        "policy '{policy}' would delete {would} of {of} versions, more than the {:.0}% cap; nothing was deleted",
+        .cap * 100.0
+    )]
+    CleanupCapped {
+        /// The policy.
+        policy: String,
+        /// Versions it chose.
+        would: usize,
+        /// Versions it looked at.
+        of: usize,
+        /// The cap, as a share.
+        cap: f64,
+    },
+
     /// A retention policy failed (and so deleted nothing).
     #[error(transparent)]
     Policy(#[from] sloth_policies::Error),

@@ -37,7 +37,7 @@ mod record;
 mod sqlite;
 
 pub use cleanup::{CleanupReport, CleanupRequest, Doomed};
-pub use config::{CONFIG_FILE, StoreConfigFile, config_path};
+pub use config::{CONFIG_FILE, RetentionRule, StoreConfigFile, config_path};
 pub use engine::{Engine, EngineConfig, ListQuery, Receiving, Selector, StackUsage, open_upload};
 pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};

@@ -225,6 +225,11 @@ impl SqliteProjection {
         })
     }
 
+    /// An event that changed no record (a cleanup run, a failed policy).
+    pub(crate) fn event_only(&self, event: &Event, generation: u64) -> Result<()> {
+        self.change(event, generation, |_| Ok(()))
+    }
+
     /// One catalog change in one SQLite transaction: `apply` it, record its event, and
     /// advance the generation this file reflects.
     fn change(

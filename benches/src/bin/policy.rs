@@ -89,6 +89,7 @@ async fn main() -> Result<()> {
                     stack: None,
                     now: 1_800_000_000,
                     dry_run: true,
+                    max_share: None,
                 },
                 "bench",
             )
