@@ -423,6 +423,33 @@ fn spec_commands_work_against_agents_found_through_the_master() {
     let empty = ok(&["agent", "artifacts", "list", "build-agent"]);
     assert!(empty.ends_with("ℹ Total: 0 artifacts\n"), "{empty}");
 
+    // A policy that traps on the agent: an error naming it, nothing deleted, the agent serves on.
+    let trap = wat::parse_str(
+        r#"(module
+            (@custom "sloth.policy" "{\"name\":\"trapper\",\"version\":\"0\",\"description\":\"t\",\"params\":{}}")
+            (memory (export "memory") 1)
+            (func (export "policy_alloc") (param i32) (result i32) (i32.const 1024))
+            (func (export "policy_evaluate") (param i32 i32) (result i64) unreachable))"#,
+    )
+    .unwrap();
+    std::fs::write(net.path("trap.wasm"), trap).unwrap();
+    std::fs::write(net.path("again.bin"), b"kept").unwrap();
+    ok(&["agent", "artifacts", "upload", "build-agent", "again.bin"]);
+    let trapped = fails(&[
+        "agent",
+        "artifacts",
+        "cleanup",
+        "build-agent",
+        "--policy",
+        "trap.wasm",
+    ]);
+    assert!(
+        trapped.contains("policy 'trapper' failed: trapped"),
+        "{trapped}"
+    );
+    let still = ok(&["agent", "artifacts", "list", "build-agent"]);
+    assert!(still.ends_with("ℹ Total: 1 artifact\n"), "{still}");
+
     // Graceful stop.
     let log = build.stop();
     assert!(log.contains("shutting down"), "{log}");

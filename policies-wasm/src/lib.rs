@@ -398,11 +398,15 @@ impl PolicyHost {
                 Reason::NoAnswer("policy_alloc returned memory outside its memory".into())
             })?;
         let packed = evaluate.call(&mut store, (ptr, len)).map_err(classify)?;
-        for line in &store.data().logs {
+        let logs = &store.data().logs;
+        for line in logs {
             tracing::info!(policy = %policy.metadata.name, "{line}");
         }
         if packed == 0 {
-            return Err(Reason::NoAnswer("it returned no answer (0)".into()));
+            return Err(Reason::NoAnswer(match logs.last() {
+                Some(last) => format!("it returned no answer: {last}"),
+                None => "it returned no answer (0)".into(),
+            }));
         }
         let (out_ptr, out_len) = (
             (packed as u64 >> 32) as usize,

@@ -3,8 +3,10 @@
 //! dry-run cleanup of a real catalog when one is given (the `catalog` benchmark's).
 //!
 //! ```text
-//! cargo run --release -p sloth-benches --bin policy -- [--versions N] [--catalog DIR]
+//! cargo run --release -p sloth-benches --bin policy -- [--versions N] [--catalog DIR] [--module FILE.wasm]
 //! ```
+//!
+//! `--module` measures another build of a keep-last-compatible policy (parameter `count`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,18 +20,24 @@ use sloth_policies::{Action, Artifact, Limits, PolicyHost, builtin};
 async fn main() -> Result<()> {
     let mut versions = 100_000usize;
     let mut catalog = None;
+    let mut module_file: Option<std::path::PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--versions" => versions = value()?.parse()?,
             "--catalog" => catalog = Some(std::path::PathBuf::from(value()?)),
+            "--module" => module_file = Some(value()?.into()),
             "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
     }
     let host = Arc::new(PolicyHost::new(Limits::default())?);
-    let module = builtin("keep-last").context("built-in")?;
+    let owned = module_file.map(std::fs::read).transpose()?;
+    let module = match &owned {
+        Some(bytes) => bytes.as_slice(),
+        None => builtin("keep-last").context("built-in")?,
+    };
     let start = Instant::now();
     let policy = host.load(module, "keep-last")?;
     let miss = start.elapsed();

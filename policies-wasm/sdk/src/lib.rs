@@ -174,16 +174,48 @@ pub struct Output {
     pub decisions: Vec<Decision>,
 }
 
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "sloth")]
+unsafe extern "C" {
+    #[link_name = "log"]
+    fn host_log(ptr: i32, len: i32);
+}
+
+/// Writes a line to the agent's log (and, when the policy then fails, into the error the host
+/// reports).
+pub fn log(line: &str) {
+    #[cfg(target_arch = "wasm32")]
+    // SAFETY: the host reads `len` bytes at `ptr` from this module's memory, which `line` is.
+    unsafe {
+        host_log(line.as_ptr() as usize as i32, line.len() as i32)
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    let _ = line;
+}
+
 /// Runs `evaluate` on the JSON input and encodes its answer: what the generated
-/// `policy_evaluate` export calls. An error becomes no answer (the host fails closed).
+/// `policy_evaluate` export calls. An error becomes no answer (the host fails closed), with
+/// the reason logged for the host to report.
 #[doc(hidden)]
 pub fn run(input: &[u8], evaluate: fn(&Input) -> Result<Vec<Decision>, String>) -> Option<Vec<u8>> {
-    let input: Input = serde_json::from_slice(input).ok()?;
+    let failed = |reason: String| {
+        log(&reason);
+        None
+    };
+    let input: Input = match serde_json::from_slice(input) {
+        Ok(input) => input,
+        Err(e) => return failed(format!("cannot read the input: {e}")),
+    };
     if input.abi != ABI {
-        return None;
+        return failed(format!(
+            "written for ABI {ABI}, the host speaks {}",
+            input.abi
+        ));
     }
-    let decisions = evaluate(&input).ok()?;
-    serde_json::to_vec(&Output { decisions }).ok()
+    match evaluate(&input) {
+        Ok(decisions) => serde_json::to_vec(&Output { decisions }).ok(),
+        Err(reason) => failed(reason),
+    }
 }
 
 /// Memory for the host to write the input into: what `policy_alloc` calls. The allocation
