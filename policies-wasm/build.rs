@@ -22,7 +22,14 @@ fn main() {
         println!("cargo:rerun-if-changed={watched}");
     }
     let target_dir = out_dir.join("builtins-target");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // Through rustup's `cargo` when there is one, so that `builtins/`'s toolchain file (the
+    // pinned toolchain, which has the wasm32 target) applies even when the outer build runs on
+    // another toolchain (`cargo +nightly fuzz`); else the cargo running this build.
+    let cargo = if Command::new("rustup").arg("--version").output().is_ok() {
+        "cargo".into()
+    } else {
+        std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+    };
     let mut command = Command::new(cargo);
     command
         .current_dir(manifest_dir.join("builtins"))
@@ -36,8 +43,11 @@ fn main() {
             "--target-dir",
         ])
         .arg(&target_dir);
-    // The outer build's settings are for the host, not for wasm32.
+    // The outer build's settings are for the host (and maybe another toolchain), not wasm32.
     for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_BUILD_TARGET",
