@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sloth_policies::{Action, Artifact, Policy, PolicyHost};
 
-use crate::{ArtifactRecord, Engine, Error, ListQuery, Result, Selector};
+use crate::{ArtifactRecord, Engine, Error, Result, Selector};
 
 /// What to clean up and how.
 #[derive(Debug, Clone)]
@@ -59,11 +59,7 @@ impl Engine {
         request: CleanupRequest,
         principal: &str,
     ) -> Result<CleanupReport> {
-        let records = self.list(&ListQuery {
-            stack: request.stack.clone(),
-            all_versions: true,
-            ..ListQuery::default()
-        })?;
+        let records = self.all_versions(request.stack.as_deref())?;
         let batch: Vec<Artifact> = records.iter().map(policy_view).collect();
         let evaluated = batch.len();
         let host = Arc::clone(host);

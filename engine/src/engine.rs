@@ -401,6 +401,18 @@ impl Engine {
         Ok(out)
     }
 
+    /// Every version (of `stack`, or all), in catalog key order (stack, task, name, version):
+    /// one sequential scan of the records, for whole-catalog work like cleanup.
+    pub fn all_versions(&self, stack: Option<&str>) -> Result<Vec<ArtifactRecord>> {
+        let prefix = stack
+            .map(|s| [s.as_bytes(), &[0]].concat())
+            .unwrap_or_default();
+        self.artifacts
+            .scan_prefix(prefix)
+            .map(|item| ArtifactRecord::decode(&item?.1))
+            .collect()
+    }
+
     /// Builds the time indexes from the records when they were never built (a catalog from
     /// before they existed).
     fn build_time_indexes(&self) -> Result<()> {
