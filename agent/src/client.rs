@@ -506,17 +506,8 @@ impl Remote {
             .await
             .map_err(|s| self.conn.fail(s))?
             .into_inner();
-        let (record, _) = convert::record(
-            header
-                .artifact
-                .ok_or_else(|| Error::Protocol("describe answered without an artifact".into()))?,
-        )?;
-        let refs = header
-            .chunks
-            .iter()
-            .map(convert::chunk_ref_from)
-            .collect::<Result<Vec<_>>>()?;
-        let digests = convert::digests(&header.sha256, &header.blake3)?;
+        let length = header.length;
+        let (record, refs, digests) = convert::header(header)?;
         let mut session = UploadSession::begin(&dst.conn, &record.key()?).await?;
         let (batches_tx, batches_rx) = mpsc::channel(2);
         let feeder = tokio::spawn(async move {
@@ -539,7 +530,7 @@ impl Remote {
             .await;
         feeder.abort();
         let (chunks, chunks_sent, bytes_sent) = sent?;
-        let record = session.commit((header.length, digests)).await?;
+        let record = session.commit((length, digests)).await?;
         Ok(Uploaded {
             record,
             chunks,
@@ -578,24 +569,8 @@ impl Remote {
                 ));
             }
         };
-        let (record, _) = convert::record(
-            header
-                .artifact
-                .ok_or_else(|| Error::Protocol("download header without an artifact".into()))?,
-        )?;
-        let refs = header
-            .chunks
-            .iter()
-            .map(convert::chunk_ref_from)
-            .collect::<Result<Vec<_>>>()?;
-        let digests = convert::digests(&header.sha256, &header.blake3)?;
-        let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
-        if total != header.length || refs.len() > sloth_cas::MAX_RECEIVED_CHUNKS {
-            return Err(Error::Protocol(format!(
-                "the download header's chunks add up to {total} bytes, it says {}",
-                header.length
-            )));
-        }
+        let length = header.length;
+        let (record, refs, digests) = convert::header(header)?;
         let path = if target.is_dir() {
             target.join(&record.name)
         } else {
@@ -705,10 +680,10 @@ impl Remote {
             return Err(e);
         }
         let (len, got) = written.map_err(output)?;
-        if len != header.length {
+        if len != length {
             return Err(Error::Protocol(format!(
                 "the download ended after {len} of {} bytes",
-                header.length
+                length
             )));
         }
         if got != digests {

@@ -129,3 +129,33 @@ pub(crate) fn digests(sha256: &[u8], blake3: &[u8]) -> Result<ContentDigests> {
         .map_err(|_| Error::Protocol("BLAKE3 digest is not 32 bytes".into()))?;
     Ok(ContentDigests { blake3, sha256 })
 }
+
+/// A download header's record, chunk list and digests, checked: the chunks must add up to the
+/// declared length, and be no more than a store accepts.
+pub(crate) fn header(
+    h: pb::DownloadHeader,
+) -> Result<(ArtifactRecord, Vec<ChunkRef>, ContentDigests)> {
+    let artifact = h
+        .artifact
+        .ok_or_else(|| Error::Protocol("a header without an artifact".into()))?;
+    let (record, _) = record(artifact)?;
+    if h.chunks.len() > sloth_cas::MAX_RECEIVED_CHUNKS {
+        return Err(Error::Protocol(format!(
+            "a header of {} chunks",
+            h.chunks.len()
+        )));
+    }
+    let refs = h
+        .chunks
+        .iter()
+        .map(chunk_ref_from)
+        .collect::<Result<Vec<_>>>()?;
+    let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
+    if total != h.length {
+        return Err(Error::Protocol(format!(
+            "the header's chunks add up to {total} bytes, it says {}",
+            h.length
+        )));
+    }
+    Ok((record, refs, digests(&h.sha256, &h.blake3)?))
+}

@@ -372,6 +372,16 @@ fn selector_arg(s: pb::Selector) -> Result<Selector, Status> {
     })
 }
 
+/// A List/Events `limit` as the engine takes it: 0 (none given) and anything larger become
+/// [`MAX_LIST`].
+fn list_limit(limit: u32) -> usize {
+    (if limit == 0 {
+        MAX_LIST
+    } else {
+        limit.min(MAX_LIST)
+    }) as usize
+}
+
 fn protocol(message: impl Into<String>) -> Status {
     Status::invalid_argument(message.into())
 }
@@ -427,18 +437,14 @@ impl artifacts_server::Artifacts for ArtifactsService {
     ) -> Result<Response<pb::ListResponse>, Status> {
         let _timer = self.metrics.timer("list");
         let r = request.into_inner();
-        let limit = if r.limit == 0 || r.limit > MAX_LIST {
-            MAX_LIST
-        } else {
-            r.limit
-        };
+        let limit = list_limit(r.limit);
         let records = self
             .engine
             .list(&ListQuery {
                 stack: optional_name("stack", r.stack)?,
                 task: optional_name("task", r.task)?,
                 all_versions: r.all_versions,
-                limit: Some(limit as usize),
+                limit: Some(limit),
             })
             .map_err(|e| status(&e))?;
         // Only the newest version of each artifact has a layout path; with every version
@@ -503,14 +509,10 @@ impl artifacts_server::Artifacts for ArtifactsService {
         if r.kind.as_ref().is_some_and(|k| k.len() > 256) {
             return Err(protocol("event kind pattern longer than 256 bytes"));
         }
-        let limit = if r.limit == 0 || r.limit > MAX_LIST {
-            MAX_LIST
-        } else {
-            r.limit
-        };
+        let limit = list_limit(r.limit);
         let events = self
             .engine
-            .events(r.kind.as_deref(), Some(limit as usize))
+            .events(r.kind.as_deref(), Some(limit))
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::EventsResponse {
             events: events.iter().map(convert::event).collect(),

@@ -144,32 +144,7 @@ async fn main() -> Result<()> {
 
     // Remote: an agent on loopback with its own fresh store.
     let agent_dir = tempfile::tempdir_in(&work)?;
-    let engine = Engine::open(
-        agent_dir.path(),
-        EngineConfig {
-            agent: "bench-agent".into(),
-            ..EngineConfig::default()
-        },
-    )
-    .await?;
-    let bound = Bound::bind("127.0.0.1:0".parse()?).await?;
-    let addr = bound.local_addr().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = AgentConfig::new("bench-agent", bound.local_addr());
-    let server = tokio::spawn(sloth_agent::server::serve(
-        engine,
-        config,
-        bound,
-        None,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let link = Link {
-        addr: addr.clone(),
-        ..Link::default()
-    };
-    let remote = Remote::connect(&addr, &link).await?;
+    let (remote, stop, server) = serve_agent(agent_dir.path()).await?;
     let phase = Phase::start();
     let first = remote
         .upload(&key, std::fs::File::open(&input)?, None)
@@ -258,7 +233,34 @@ async fn main() -> Result<()> {
 
 async fn remote_upload(input: &Path, work: &Path, key: &ArtifactKey) -> Result<()> {
     let agent_dir = tempfile::tempdir_in(work)?;
-    let engine = Engine::open(agent_dir.path(), EngineConfig::default()).await?;
+    let (remote, stop, server) = serve_agent(agent_dir.path()).await?;
+    let phase = Phase::start();
+    remote
+        .upload(key, std::fs::File::open(input)?, None)
+        .await?;
+    let (took, cores) = phase.end();
+    println!(
+        "remote upload {:.2} s, {cores:.2} cores",
+        took.as_secs_f64()
+    );
+    let _ = stop.send(());
+    server.await??;
+    Ok(())
+}
+
+type Server = tokio::task::JoinHandle<sloth_agent::Result<()>>;
+
+/// An agent on 127.0.0.1:0 over a fresh store in `dir`, and a client connected to it; send on
+/// the returned channel to stop it.
+async fn serve_agent(dir: &Path) -> Result<(Remote, tokio::sync::oneshot::Sender<()>, Server)> {
+    let engine = Engine::open(
+        dir,
+        EngineConfig {
+            agent: "bench-agent".into(),
+            ..EngineConfig::default()
+        },
+    )
+    .await?;
     let bound = Bound::bind("127.0.0.1:0".parse()?).await?;
     let addr = bound.local_addr().to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -276,17 +278,5 @@ async fn remote_upload(input: &Path, work: &Path, key: &ArtifactKey) -> Result<(
         addr: addr.clone(),
         ..Link::default()
     };
-    let remote = Remote::connect(&addr, &link).await?;
-    let phase = Phase::start();
-    remote
-        .upload(key, std::fs::File::open(input)?, None)
-        .await?;
-    let (took, cores) = phase.end();
-    println!(
-        "remote upload {:.2} s, {cores:.2} cores",
-        took.as_secs_f64()
-    );
-    let _ = stop.send(());
-    server.await??;
-    Ok(())
+    Ok((Remote::connect(&addr, &link).await?, stop, server))
 }
