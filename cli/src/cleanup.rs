@@ -97,10 +97,11 @@ fn print_report(
         let n = report.doomed.len();
         writeln!(
             out,
-            "ℹ Dry run: policy '{policy}' would delete {n} {} of {} ({} of content):",
+            "ℹ Dry run: policy '{policy}' would delete {n} {} of {} ({} of content){}",
             noun(n),
             report.evaluated,
-            human_size(report.logical_bytes)
+            human_size(report.logical_bytes),
+            if n > 0 { ":" } else { "." }
         )?;
         if n > 0 {
             writeln!(out)?;
