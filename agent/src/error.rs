@@ -122,17 +122,4 @@ pub(crate) fn cas_status(e: &sloth_cas::Error, message: String) -> Status {
     }
 }
 
-/// An error and its causes, `: `-separated, skipping causes the text already shows.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use sloth_engine::error_chain as chain;

@@ -727,7 +727,7 @@ impl Engine {
         if let Err(e) = self.cas.collect(candidates).await {
             tracing::warn!(
                 "freeing the deleted artifact's chunks failed; they stay until a full GC: {}",
-                chain(&e)
+                error_chain(&e)
             );
         }
         Ok(doomed)
@@ -973,18 +973,18 @@ fn warn_stale(result: Result<()>) {
     if let Err(e) = result {
         tracing::warn!(
             "a projection (metadata.db or artifacts/) is stale and will be rebuilt on the next open: {}",
-            chain(&e)
+            error_chain(&e)
         );
     }
 }
 
-/// An error and its causes, `: `-separated, for a log line.
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes, `: `-separated, skipping causes the text already shows (some
+/// errors repeat their cause in their own message): for log lines and error statuses.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
         let cause_text = cause.to_string();
-        // Some errors repeat their cause in their own message.
         if !text.contains(&cause_text) {
             text.push_str(": ");
             text.push_str(&cause_text);

@@ -38,7 +38,9 @@ mod sqlite;
 
 pub use cleanup::{CleanupReport, CleanupRequest, Doomed};
 pub use config::{CONFIG_FILE, RetentionRule, StoreConfigFile, config_path};
-pub use engine::{Engine, EngineConfig, ListQuery, Receiving, Selector, StackUsage, open_upload};
+pub use engine::{
+    Engine, EngineConfig, ListQuery, Receiving, Selector, StackUsage, error_chain, open_upload,
+};
 pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
 pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};
