@@ -213,6 +213,17 @@ pub struct Figures {
     pub stored_bytes: u64,
 }
 
+impl From<pb::StoreFigures> for Figures {
+    fn from(f: pb::StoreFigures) -> Self {
+        Self {
+            artifacts: f.artifacts,
+            versions: f.versions,
+            logical_bytes: f.logical_bytes,
+            stored_bytes: f.stored_bytes,
+        }
+    }
+}
+
 impl Figures {
     /// Logical bytes per stored byte (0 when nothing is stored).
     pub fn dedup_ratio(&self) -> f64 {
@@ -402,16 +413,7 @@ impl Remote {
             .await
             .map_err(|s| self.conn.fail(s))?
             .into_inner();
-        let f = info.figures.unwrap_or_default();
-        Ok((
-            info.version,
-            Figures {
-                artifacts: f.artifacts,
-                versions: f.versions,
-                logical_bytes: f.logical_bytes,
-                stored_bytes: f.stored_bytes,
-            },
-        ))
+        Ok((info.version, info.figures.unwrap_or_default().into()))
     }
 
     /// Runs a retention policy on the agent (see [`sloth_engine::Engine::cleanup`]): a
@@ -1103,18 +1105,12 @@ impl Master {
 }
 
 fn entry(r: reg::AgentRecord) -> AgentEntry {
-    let f = r.figures.unwrap_or_default();
     AgentEntry {
         name: r.name,
         address: r.address,
         version: r.version,
         tls: r.tls,
-        figures: Figures {
-            artifacts: f.artifacts,
-            versions: f.versions,
-            logical_bytes: f.logical_bytes,
-            stored_bytes: f.stored_bytes,
-        },
+        figures: r.figures.unwrap_or_default().into(),
         registered_at: r.registered_at,
         last_heartbeat: r.last_heartbeat,
         status: r.status,

@@ -284,12 +284,7 @@ async fn heartbeats(
                     address: address.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     tls,
-                    figures: Some(reg::StoreFigures {
-                        artifacts: figures.artifacts,
-                        versions: figures.versions,
-                        logical_bytes: figures.logical_bytes,
-                        stored_bytes: figures.stored_bytes,
-                    }),
+                    figures: Some(figures),
                     interval_secs: interval.as_secs().max(1) as u32,
                 })
                 .await?;

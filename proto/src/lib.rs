@@ -4,12 +4,22 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
-/// Artifacts on one agent: list, show, upload, download, delete, events, chunk fetches.
-pub mod artifacts {
-    tonic::include_proto!("sloth.artifacts.v1");
+/// The generated code, nested as the packages are, so that one file's references to another's
+/// types (`registry` uses `artifacts.StoreFigures`) resolve.
+pub mod sloth {
+    pub mod artifacts {
+        pub mod v1 {
+            tonic::include_proto!("sloth.artifacts.v1");
+        }
+    }
+    pub mod registry {
+        pub mod v1 {
+            tonic::include_proto!("sloth.registry.v1");
+        }
+    }
 }
 
+/// Artifacts on one agent: list, show, upload, download, delete, events, chunk fetches.
+pub use sloth::artifacts::v1 as artifacts;
 /// The master's registry of agents.
-pub mod registry {
-    tonic::include_proto!("sloth.registry.v1");
-}
+pub use sloth::registry::v1 as registry;
