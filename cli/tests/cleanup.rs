@@ -3,19 +3,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sloth-runner");
+mod common;
+
+use common::sloth;
 
 fn run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
+    sloth()
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(args)
         .current_dir(dir)
-        .env_remove("SLOTH_RUNNER_DATA_DIR")
-        .env_remove("SLOTH_RUNNER_MASTER_ADDR")
-        .env("USER", "tester")
         .output()
         .unwrap()
 }

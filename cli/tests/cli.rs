@@ -10,7 +10,9 @@ use std::process::{Command, Output, Stdio};
 
 use sha2::Digest;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sloth-runner");
+mod common;
+
+use common::{BIN, sloth};
 
 /// The spec's list header and dash line (40/15/12/20/20 columns, one space apart).
 const LIST_HEADER: &str = "Name                                     Stack           Size         Created              Task";
@@ -38,16 +40,11 @@ impl Sloth {
 
     /// A command with a clean environment: this store, this user, no terminal.
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = sloth();
         cmd.arg("--data-dir")
             .arg(self.data_dir())
             .args(args)
-            .current_dir(self.dir.path())
-            .env_remove("SLOTH_RUNNER_DATA_DIR")
-            .env_remove("SLOTH_RUNNER_MASTER_ADDR")
-            .env_remove("SLOTH_RUNNER_TOKEN")
-            .env_remove("SLOTH_RUNNER_CA")
-            .env("USER", "tester");
+            .current_dir(self.dir.path());
         cmd
     }
 

@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sloth-runner");
+mod common;
+
+use common::{BIN, sloth};
 
 /// A server process, stopped with SIGTERM when dropped.
 struct Server {
@@ -21,11 +23,8 @@ impl Server {
     /// Starts `sloth-runner ARGS` and waits for its "listening on" line.
     fn start(dir: &Path, log_name: &str, args: &[&str]) -> Server {
         let log = dir.join(log_name);
-        let mut child = Command::new(BIN)
+        let mut child = sloth()
             .args(args)
-            .env_remove("SLOTH_RUNNER_MASTER_ADDR")
-            .env_remove("SLOTH_RUNNER_TOKEN")
-            .env_remove("SLOTH_RUNNER_CA")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -147,15 +146,11 @@ impl Net {
     }
 
     fn cli(&self, args: &[&str], input: &str) -> Output {
-        let mut child = Command::new(BIN)
+        let mut child = sloth()
             .arg("--data-dir")
             .arg(self.path("client-data"))
             .args(args)
             .current_dir(self.dir.path())
-            .env_remove("SLOTH_RUNNER_MASTER_ADDR")
-            .env_remove("SLOTH_RUNNER_TOKEN")
-            .env_remove("SLOTH_RUNNER_CA")
-            .env("USER", "tester")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
