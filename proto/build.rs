@@ -2,7 +2,11 @@
 //! no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/artifacts.proto", "proto/registry.proto"];
+    let files = [
+        "proto/artifacts.proto",
+        "proto/registry.proto",
+        "proto/workflows.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

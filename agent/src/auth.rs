@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Scopes: `read` (list, show, download, events, agent info), `write` (upload, heartbeats to a
-//! master), `delete` (delete), `admin` (everything). Without a token file every call is
+//! master), `delete` (delete, cleanup), `run` (run workflows, which execute commands as the
+//! agent's user), `admin` (everything). Without a token file every call is
 //! allowed and the principal is the client's self-reported user name, marked unverified.
 
 use std::collections::HashMap;
@@ -37,16 +38,23 @@ pub enum Scope {
     Write,
     /// Delete artifacts.
     Delete,
+    /// Run workflows: commands on the agent's machine, as its user.
+    Run,
     /// Everything.
     Admin,
 }
 
 impl Scope {
-    fn parse(text: &str) -> Option<Self> {
+    /// Every scope's name, for messages.
+    pub const NAMES: &str = "read, write, delete, run, admin";
+
+    /// A scope by name.
+    pub fn parse(text: &str) -> Option<Self> {
         match text {
             "read" => Some(Scope::Read),
             "write" => Some(Scope::Write),
             "delete" => Some(Scope::Delete),
+            "run" => Some(Scope::Run),
             "admin" => Some(Scope::Admin),
             _ => None,
         }
@@ -57,6 +65,7 @@ impl Scope {
             Scope::Read => "read",
             Scope::Write => "write",
             Scope::Delete => "delete",
+            Scope::Run => "run",
             Scope::Admin => "admin",
         }
     }
@@ -73,6 +82,7 @@ impl Scope {
                 _ => Scope::Admin,
             },
             Some(("/sloth.artifacts.v1.Agent", "Info")) => Scope::Read,
+            Some(("/sloth.workflows.v1.Workflows", "Run")) => Scope::Run,
             Some(("/sloth.registry.v1.Registry", method)) => match method {
                 "ListAgents" | "GetAgent" => Scope::Read,
                 "Heartbeat" => Scope::Write,
@@ -140,9 +150,7 @@ impl Tokens {
                 .split(',')
                 .map(|s| {
                     Scope::parse(s).ok_or_else(|| {
-                        at(format!(
-                            "unknown scope '{s}' (scopes: read, write, delete, admin)"
-                        ))
+                        at(format!("unknown scope '{s}' (scopes: {})", Scope::NAMES))
                     })
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?;

@@ -12,6 +12,7 @@ use sloth_proto::artifacts::{
     self as pb, agent_client::AgentClient, artifacts_client::ArtifactsClient,
 };
 use sloth_proto::registry::{self as reg, registry_client::RegistryClient};
+use sloth_proto::workflows::{self as wf, workflows_client::WorkflowsClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -21,6 +22,25 @@ use crate::auth::USER_HEADER;
 use crate::limits::*;
 use crate::tls::ClientTls;
 use crate::{Error, Result, convert};
+
+/// A workflow to run on an agent ([`Remote::run_workflow`]).
+#[derive(Debug, Clone)]
+pub struct WorkflowRun {
+    /// The `.sloth` file's Lua source.
+    pub script: String,
+    /// Its name, for messages (`file:line`).
+    pub file_name: String,
+    /// The workflow to run.
+    pub workflow: String,
+    /// Stack for its artifacts (default: the workflow's name).
+    pub stack: Option<String>,
+    /// The script's `values` global.
+    pub values: serde_json::Value,
+    /// Keep the work directories on the agent after success.
+    pub keep_workdirs: bool,
+    /// Most tasks at once.
+    pub max_parallel: u32,
+}
 
 /// Where a server is and the credentials to use with it.
 #[derive(Debug, Clone, Default)]
@@ -165,6 +185,11 @@ impl Connection {
 
     pub(crate) fn agent(&self) -> AgentClient<Authed> {
         AgentClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+    }
+
+    pub(crate) fn workflows(&self) -> WorkflowsClient<Authed> {
+        WorkflowsClient::with_interceptor(self.channel.clone(), self.credentials.clone())
+            .max_encoding_message_size(MAX_MESSAGE)
     }
 
     pub(crate) fn registry(&self) -> RegistryClient<Authed> {
@@ -463,6 +488,47 @@ impl Remote {
                 logical_bytes: r.logical_bytes,
                 freed_bytes: r.freed_bytes,
             },
+        ))
+    }
+
+    /// Runs a workflow on the agent, handing each event to `on_event` as it arrives. Returns
+    /// the run's report (task failures are in it, not errors). A script the agent cannot load,
+    /// or a workflow it cannot plan, is refused before anything runs.
+    pub async fn run_workflow(
+        &self,
+        run: WorkflowRun,
+        mut on_event: impl FnMut(sloth_lua::RunEvent),
+    ) -> Result<sloth_lua::RunReport> {
+        let request = wf::RunRequest {
+            script: run.script,
+            file_name: run.file_name,
+            workflow: run.workflow,
+            stack: run.stack,
+            values_json: if run.values.is_null() {
+                String::new()
+            } else {
+                run.values.to_string()
+            },
+            keep_workdirs: run.keep_workdirs,
+            max_parallel: run.max_parallel,
+        };
+        // No deadline: a run takes as long as its tasks (which have their own timeouts).
+        let mut stream = self
+            .conn
+            .workflows()
+            .run(tonic::Request::new(request))
+            .await
+            .map_err(|s| self.conn.fail(s))?
+            .into_inner();
+        while let Some(message) = stream.message().await.map_err(|s| self.conn.fail(s))? {
+            match crate::workflows::event_from_wire(message) {
+                Some(crate::workflows::Received::Event(event)) => on_event(event),
+                Some(crate::workflows::Received::Finished(report)) => return Ok(report),
+                None => {}
+            }
+        }
+        Err(Error::Protocol(
+            "the agent ended the workflow's stream without its result".into(),
         ))
     }
 

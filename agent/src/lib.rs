@@ -17,8 +17,9 @@ mod error;
 pub mod limits;
 pub mod master;
 pub mod metrics;
-mod retention;
+pub mod retention;
 pub mod server;
 pub mod tls;
+pub mod workflows;
 
 pub use error::{Error, Result};

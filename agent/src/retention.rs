@@ -35,20 +35,33 @@ pub(crate) fn spawn(
                 let mut ticker = tokio::time::interval(Duration::from_secs(rule.every_secs()));
                 loop {
                     ticker.tick().await;
-                    run_once(&engine, &host, &rule, &base).await;
+                    // Each run records its outcome as an event; a failure is retried next tick.
+                    let _ = run_once(&engine, &host, &rule, &base).await;
                 }
             })
         })
         .collect()
 }
 
-/// One run of one rule, recorded as an event whatever happens.
-pub(crate) async fn run_once(
+/// What one run of a rule did.
+#[derive(Debug)]
+pub struct Applied {
+    /// The policy's name (from its metadata).
+    pub policy: String,
+    /// Whether it only reported (the first run of a rule new to this store).
+    pub dry_run: bool,
+    /// What it deleted, or would have.
+    pub report: sloth_engine::CleanupReport,
+}
+
+/// One run of one rule, recorded as an event whatever happens (`artifact.cleanup` or
+/// `policy.failed`). On failure nothing was deleted; the reason is returned.
+pub async fn run_once(
     engine: &Engine,
     host: &Arc<PolicyHost>,
     rule: &RetentionRule,
     base: &Path,
-) {
+) -> Result<Applied, String> {
     let fingerprint = rule.fingerprint();
     let stack = rule.stack.clone().unwrap_or_else(|| "*".into());
     let outcome = async {
@@ -87,8 +100,9 @@ pub(crate) async fn run_once(
         Ok::<_, String>((name, dry_run, report))
     }
     .await;
-    let recorded = match outcome {
+    let recorded = match &outcome {
         Ok((name, dry_run, report)) => {
+            let dry_run = *dry_run;
             let (count, principal) = if dry_run {
                 (
                     report.doomed.len(),
@@ -108,7 +122,7 @@ pub(crate) async fn run_once(
                     "artifact.cleanup",
                     &principal,
                     &stack,
-                    &name,
+                    name,
                     count as u32,
                     report.freed_bytes,
                 )
@@ -130,5 +144,108 @@ pub(crate) async fn run_once(
     };
     if let Err(e) = recorded {
         tracing::warn!("recording the retention run failed: {e}");
+    }
+    outcome.map(|(policy, dry_run, report)| Applied {
+        policy,
+        dry_run,
+        report,
+    })
+}
+
+/// Applies a workflow's `artifact_retention` to its stack now and registers it with the store
+/// (so that agents serving the store keep applying it); returns the line to show the user.
+pub async fn apply_workflow_rule(
+    engine: &Engine,
+    host: &Arc<PolicyHost>,
+    stack: &str,
+    older_than: &str,
+) -> Result<(RetentionRule, bool, String), String> {
+    let (rule, changed) = engine
+        .register_workflow_retention(stack, older_than)
+        .map_err(|e| sloth_engine::error_chain(&e))?;
+    let applied = run_once(engine, host, &rule, Path::new("."))
+        .await
+        .map_err(|reason| {
+            format!("artifact_retention = {older_than} on stack {stack}: {reason}")
+        })?;
+    let n = applied.report.deleted;
+    let line = format!(
+        "🧹 artifact_retention = {older_than} on stack {stack}: deleted {n} {}, freed {}",
+        if n == 1 { "artifact" } else { "artifacts" },
+        sloth_engine::human_size(applied.report.freed_bytes)
+    );
+    Ok((rule, changed, line))
+}
+
+/// The retention rules workflows registered on this agent's store, each on its schedule: one
+/// per stack, a workflow that changes its stack's rule replacing the running one.
+pub struct WorkflowRules {
+    engine: Arc<Engine>,
+    host: Arc<PolicyHost>,
+    base: PathBuf,
+    running: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for WorkflowRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkflowRules").finish_non_exhaustive()
+    }
+}
+
+impl WorkflowRules {
+    /// Schedules every rule the store holds.
+    pub fn start(
+        engine: Arc<Engine>,
+        host: Arc<PolicyHost>,
+        base: PathBuf,
+    ) -> sloth_engine::Result<Arc<Self>> {
+        let rules = engine.workflow_retention_rules()?;
+        let this = Arc::new(Self {
+            engine,
+            host,
+            base,
+            running: Default::default(),
+        });
+        for rule in rules {
+            this.schedule(rule);
+        }
+        Ok(this)
+    }
+
+    fn schedule(&self, rule: RetentionRule) {
+        let stack = rule.stack.clone().unwrap_or_default();
+        let task = spawn(
+            Arc::clone(&self.engine),
+            Arc::clone(&self.host),
+            vec![rule],
+            self.base.clone(),
+        )
+        .pop();
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(previous) = task.and_then(|task| running.insert(stack, task)) {
+            previous.abort();
+        }
+    }
+
+    /// [`apply_workflow_rule`], then (for a new or changed rule) its schedule.
+    pub async fn apply(&self, stack: &str, older_than: &str) -> Result<String, String> {
+        let (rule, changed, line) =
+            apply_workflow_rule(&self.engine, &self.host, stack, older_than).await?;
+        if changed {
+            self.schedule(rule);
+        }
+        Ok(line)
+    }
+
+    /// Stops every schedule.
+    pub fn stop(&self) {
+        for (_, task) in self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            task.abort();
+        }
     }
 }

@@ -187,6 +187,14 @@ pub async fn serve(
         config.retention.clone(),
         config.policy_dir.clone(),
     );
+    let workflow_rules = crate::retention::WorkflowRules::start(
+        Arc::clone(&engine),
+        Arc::clone(&policies),
+        config.policy_dir.clone(),
+    )?;
+    let workflows = sloth_proto::workflows::workflows_server::WorkflowsServer::new(
+        crate::workflows::WorkflowsService::new(Arc::clone(&engine), Arc::clone(&workflow_rules)),
+    );
     let artifacts = artifacts_server::ArtifactsServer::new(ArtifactsService {
         engine: Arc::clone(&engine),
         metrics: Arc::clone(&metrics),
@@ -215,6 +223,7 @@ pub async fn serve(
         .layer(AuthLayer::new(config.tokens.clone()))
         .add_service(artifacts)
         .add_service(info)
+        .add_service(workflows)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
     let mut server = std::pin::pin!(server);
     let result = tokio::select! {
@@ -237,6 +246,7 @@ pub async fn serve(
     for task in retention {
         task.abort();
     }
+    workflow_rules.stop();
     let _ = stop_tx.send(true);
     if let Some(task) = metrics_server {
         let _ = task.await;

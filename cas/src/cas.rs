@@ -29,6 +29,20 @@ const MANIFESTS_TREE: &str = "manifests";
 const MANIFEST_REFS_TREE: &str = "manifest_refs";
 const CHUNK_REFS_TREE: &str = "chunk_refs";
 
+/// Options for one ingest.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestOptions {
+    /// Compress new chunks with zstd at the store's level (default). Off stores them raw, for
+    /// content known not to compress; chunks the store already has keep their stored form.
+    pub compress: bool,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        Self { compress: true }
+    }
+}
+
 /// How a store is opened. Every field has a sensible default.
 #[derive(Debug, Clone)]
 pub struct CasConfig {
@@ -395,6 +409,17 @@ impl<S: ChunkStore> Cas<S> {
     /// digests while up to `concurrency` chunks are hashed, looked up and (when new) compressed
     /// and stored on the blocking pool. Only chunks the store lacks are compressed and written.
     pub async fn ingest_reader<R: Read + Send + 'static>(&self, reader: R) -> Result<Staged> {
+        self.ingest_reader_with(reader, IngestOptions::default())
+            .await
+    }
+
+    /// [`Cas::ingest_reader`] with per-ingest options (compression on or off).
+    pub async fn ingest_reader_with<R: Read + Send + 'static>(
+        &self,
+        reader: R,
+        options: IngestOptions,
+    ) -> Result<Staged> {
+        let level = options.compress.then_some(self.inner.config.zstd_level);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.inner.config.concurrency);
         let params = self.inner.params;
         // The whole-content digests run on their own thread: on the cutter they would be the
@@ -419,7 +444,7 @@ impl<S: ChunkStore> Cas<S> {
         });
         let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let stored: Result<Vec<_>> = chunks
-            .map(|chunk| store_chunk(Arc::clone(&self.inner), chunk))
+            .map(|chunk| store_chunk(Arc::clone(&self.inner), chunk, level))
             .buffered(self.inner.config.concurrency)
             .try_collect()
             .await;
@@ -970,6 +995,7 @@ fn verify_whole(id: ManifestId, manifest: &Manifest, hasher: ContentHasher) -> R
 async fn store_chunk<S: ChunkStore>(
     inner: Arc<Inner<S>>,
     chunk: Bytes,
+    level: Option<i32>,
 ) -> Result<(ChunkRef, Lease, Option<u64>)> {
     let (id, chunk) = inner
         .cpu
@@ -983,8 +1009,13 @@ async fn store_chunk<S: ChunkStore>(
     if inner.chunks.has_many(&[id]).await?[0] {
         return Ok((chunk_ref, lease, None));
     }
-    let level = inner.config.zstd_level;
-    let frame = inner.cpu.run(move || frame::encode(&chunk, level)).await?;
+    let frame = inner
+        .cpu
+        .run(move || match level {
+            Some(level) => frame::encode(&chunk, level),
+            None => frame::encode_raw(&chunk),
+        })
+        .await?;
     let frame_len = frame.len() as u64;
     inner.chunks.put_many(vec![(id, frame)]).await?;
     Ok((chunk_ref, lease, Some(frame_len)))

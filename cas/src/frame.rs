@@ -95,11 +95,7 @@ thread_local! {
 /// # Panics
 /// If `chunk` is longer than [`MAX_CHUNK_LEN`]; the chunker never produces such chunks.
 pub fn encode(chunk: &[u8], level: i32) -> Bytes {
-    let len = u32::try_from(chunk.len())
-        .ok()
-        .filter(|&l| l <= MAX_CHUNK_LEN)
-        .expect("chunk longer than MAX_CHUNK_LEN");
-    let mut frame = Vec::new();
+    let len = frame_len(chunk);
     COMPRESSOR.with(|cell| {
         let Encoder {
             zstd: slot,
@@ -117,20 +113,33 @@ pub fn encode(chunk: &[u8], level: i32) -> Bytes {
                 .as_mut()
                 .is_some_and(|(_, c)| c.compress_to_buffer(chunk, scratch).is_ok())
             && scratch.len() < chunk.len();
-        let (codec, level_byte, body): (u8, i8, &[u8]) = if compressed {
-            (
-                1,
-                level.clamp(i8::MIN as i32, i8::MAX as i32) as i8,
-                scratch,
-            )
-        } else {
-            (0, 0, chunk)
-        };
-        frame.reserve_exact(HEADER_LEN + body.len());
-        frame.extend_from_slice(&[FRAME_VERSION, codec, level_byte as u8, 0]);
+        if !compressed {
+            return encode_raw(chunk);
+        }
+        let level_byte = level.clamp(i8::MIN as i32, i8::MAX as i32) as i8;
+        let mut frame = Vec::with_capacity(HEADER_LEN + scratch.len());
+        frame.extend_from_slice(&[FRAME_VERSION, 1, level_byte as u8, 0]);
         frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(body);
-    });
+        frame.extend_from_slice(scratch);
+        Bytes::from(frame)
+    })
+}
+
+/// The length field of a frame for `chunk`, which must not exceed [`MAX_CHUNK_LEN`].
+fn frame_len(chunk: &[u8]) -> u32 {
+    u32::try_from(chunk.len())
+        .ok()
+        .filter(|&l| l <= MAX_CHUNK_LEN)
+        .expect("chunk longer than MAX_CHUNK_LEN")
+}
+
+/// Encodes `chunk` as a raw (uncompressed) frame.
+pub fn encode_raw(chunk: &[u8]) -> Bytes {
+    let len = frame_len(chunk);
+    let mut frame = Vec::with_capacity(HEADER_LEN + chunk.len());
+    frame.extend_from_slice(&[FRAME_VERSION, 0, 0, 0]);
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(chunk);
     Bytes::from(frame)
 }
 

@@ -83,8 +83,8 @@ mod receive;
 mod store;
 
 pub use cas::{
-    BadChunk, Cas, CasConfig, CasTrees, GcReport, IngestStats, PreparedManifest, RecompressReport,
-    ScrubReport, Staged, StoreStats, release_tx, retain_tx, tx_error,
+    BadChunk, Cas, CasConfig, CasTrees, GcReport, IngestOptions, IngestStats, PreparedManifest,
+    RecompressReport, ScrubReport, Staged, StoreStats, release_tx, retain_tx, tx_error,
 };
 pub use chunker::{Chunker, ChunkerParams, MAX_AVG_CHUNK, MAX_CHUNK_LEN, MIN_AVG_CHUNK};
 pub use error::{Error, Result};

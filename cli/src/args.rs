@@ -103,6 +103,34 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Run a workflow from a .sloth file: locally on the embedded store, or on an agent.
+    Run(RunArgs),
+}
+
+/// `run WORKFLOW --file F.sloth`.
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The workflow to run (the name given to workflow.define).
+    pub(crate) workflow: String,
+    /// The workflow file (Lua).
+    #[arg(short, long, value_name = "FILE")]
+    pub(crate) file: PathBuf,
+    /// Stack the artifacts go to (default: the workflow's name).
+    #[arg(short, long)]
+    pub(crate) stack: Option<String>,
+    /// Run on this agent (name, host:port, or `local`); its store receives the artifacts.
+    #[arg(short, long)]
+    pub(crate) agent: Option<String>,
+    /// YAML file whose contents the script sees as the global `values`.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) values: Option<PathBuf>,
+    /// Keep the tasks' work directories after a successful run (a failed run always keeps
+    /// them).
+    #[arg(long)]
+    pub(crate) keep_workdirs: bool,
+    /// Most tasks running at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub(crate) parallel: u16,
 }
 
 #[derive(Debug, Subcommand)]

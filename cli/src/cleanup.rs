@@ -148,6 +148,21 @@ fn print_report(
     Ok(())
 }
 
+/// Applies a workflow's `artifact_retention` to its stack after a local run, and registers
+/// the rule so that an agent serving this store keeps applying it.
+pub(crate) async fn workflow_retention(
+    engine: &sloth_engine::Engine,
+    stack: &str,
+    older_than: &str,
+) -> anyhow::Result<String> {
+    let host = Arc::new(PolicyHost::new(Limits::default())?);
+    let (_, _, line) =
+        sloth_agent::retention::apply_workflow_rule(engine, &host, stack, older_than)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    Ok(line)
+}
+
 /// The policy a `policy inspect|test` argument names.
 fn named(host: &PolicyHost, policy: &str) -> anyhow::Result<Policy> {
     load(host, &source(Some(policy))?, policy)

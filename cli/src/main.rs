@@ -10,6 +10,7 @@ mod cleanup;
 mod events;
 mod format;
 mod progress;
+mod run;
 mod serve;
 
 use std::io::Write;
@@ -139,6 +140,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events {
             command: EventsCommand::List(args),
         } => events::list(&ctx, args, &mut out).await?,
+        Command::Run(args) => {
+            // Task output is printed as it happens, from the run's event sink.
+            drop(out);
+            run::run(&ctx, args).await?;
+            return Ok(());
+        }
     }
     out.flush()?;
     Ok(())

@@ -225,12 +225,10 @@ pub(crate) async fn agent_get(
 pub(crate) fn token_new(scopes: &str, principal: &str, out: &mut dyn Write) -> anyhow::Result<()> {
     let scopes = scopes
         .split(',')
-        .map(|s| match s.trim() {
-            "read" => Ok(Scope::Read),
-            "write" => Ok(Scope::Write),
-            "delete" => Ok(Scope::Delete),
-            "admin" => Ok(Scope::Admin),
-            other => anyhow::bail!("unknown scope '{other}' (scopes: read, write, delete, admin)"),
+        .map(|s| {
+            Scope::parse(s.trim()).ok_or_else(|| {
+                anyhow::anyhow!("unknown scope '{}' (scopes: {})", s.trim(), Scope::NAMES)
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Name::parse("principal", principal)?;

@@ -63,6 +63,26 @@ pub struct RetentionRule {
 }
 
 impl RetentionRule {
+    /// The rule a workflow's `artifact_retention = "30d"` means: the built-in `older-than` on
+    /// the workflow's stack, hourly, within the usual share cap; the workflow asked for it, so
+    /// its first run deletes rather than only reporting.
+    pub fn workflow(stack: &str, older_than: &str) -> Result<Self> {
+        if sloth_policies::parse_duration(older_than).is_none() {
+            return Err(Error::InvalidDuration {
+                what: "artifact_retention",
+                value: older_than.to_owned(),
+            });
+        }
+        Ok(Self {
+            policy: "older-than".into(),
+            params: [("older_than".to_owned(), older_than.to_owned())].into(),
+            stack: Some(stack.to_owned()),
+            every: "1h".into(),
+            max_share: None,
+            dry_run_first: Some(false),
+        })
+    }
+
     /// The interval in seconds.
     pub fn every_secs(&self) -> u64 {
         sloth_policies::parse_duration(&self.every).map_or(3600, |s| s.max(60) as u64)

@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sloth_cas::{
-    Cas, CasConfig, ContentDigests, PackStore, Receiver, Staged, release_tx, retain_tx, tx_error,
+    Cas, CasConfig, ContentDigests, IngestOptions, PackStore, Receiver, Staged, release_tx,
+    retain_tx, tx_error,
 };
 
 use crate::error::at;
 use crate::layout::Layout;
 use crate::record::{Event, now_secs};
 use crate::sqlite::SqliteProjection;
-use crate::{ArtifactId, ArtifactKey, ArtifactRecord, Error, Result, glob_match};
+use crate::{ArtifactId, ArtifactKey, ArtifactRecord, Error, Result, RetentionRule, glob_match};
 
 const ARTIFACTS_TREE: &str = "artifacts";
 const LATEST_TREE: &str = "artifact_latest";
@@ -25,6 +26,8 @@ const BY_TIME_LATEST_TREE: &str = "artifact_latest_by_time";
 /// Set in `engine_meta` once the time indexes cover every record.
 const TIME_INDEX_READY: &[u8] = b"time_index";
 const GENERATION: &[u8] = b"generation";
+/// `engine_meta` key prefix of the retention rules workflows registered, by stack.
+const WORKFLOW_RETENTION: &str = "workflow_retention:";
 
 /// How the engine is opened.
 #[derive(Debug, Clone)]
@@ -182,10 +185,22 @@ impl Engine {
         reader: R,
         principal: &str,
     ) -> Result<ArtifactRecord> {
+        self.upload_with(key, reader, principal, IngestOptions::default())
+            .await
+    }
+
+    /// [`Engine::upload`] with ingest options (compression on or off for this content).
+    pub async fn upload_with<R: std::io::Read + Send + 'static>(
+        &self,
+        key: &ArtifactKey,
+        reader: R,
+        principal: &str,
+        options: IngestOptions,
+    ) -> Result<ArtifactRecord> {
         // With the layout on, the bytes are copied into a staging object as they are read.
         let copy = self.layout.as_ref().map(|l| l.staging_file()).transpose()?;
         let result = self
-            .upload_inner(key, reader, principal, copy.as_ref())
+            .upload_inner(key, reader, principal, copy.as_ref(), options)
             .await;
         if let (Err(_), Some((path, _))) = (&result, &copy) {
             let _ = std::fs::remove_file(path);
@@ -199,6 +214,7 @@ impl Engine {
         reader: R,
         principal: &str,
         copy: Option<&(PathBuf, std::fs::File)>,
+        options: IngestOptions,
     ) -> Result<ArtifactRecord> {
         let staged = match copy {
             Some((path, file)) => {
@@ -206,11 +222,11 @@ impl Engine {
                     inner: reader,
                     copy: file.try_clone().map_err(at(path))?,
                 };
-                let staged = self.cas.ingest_reader(tee).await?;
+                let staged = self.cas.ingest_reader_with(tee, options).await?;
                 self.sync_copy_unless_known(path, file, staged.manifest().id())?;
                 staged
             }
-            None => self.cas.ingest_reader(reader).await?,
+            None => self.cas.ingest_reader_with(reader, options).await?,
         };
         self.commit_version(key, staged, principal, copy).await
     }
@@ -820,6 +836,35 @@ impl Engine {
             }
         }));
         Ok(event)
+    }
+
+    /// Registers the retention rule a workflow's `artifact_retention` declares for `stack`
+    /// (the built-in `older-than`, hourly), replacing the stack's previous one. Agents serving
+    /// this store run registered rules on schedule next to those of their config. Returns the
+    /// rule, and whether it is new or changed.
+    pub fn register_workflow_retention(
+        &self,
+        stack: &str,
+        older_than: &str,
+    ) -> Result<(RetentionRule, bool)> {
+        crate::Name::parse("stack", stack)?;
+        let rule = RetentionRule::workflow(stack, older_than)?;
+        let key = format!("{WORKFLOW_RETENTION}{stack}");
+        let encoded = serde_json::to_vec(&rule).map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        let previous = self.meta.insert(key, encoded.as_slice())?;
+        self.meta.flush()?;
+        Ok((rule, previous.as_deref() != Some(encoded.as_slice())))
+    }
+
+    /// The retention rules workflows registered, one per stack.
+    pub fn workflow_retention_rules(&self) -> Result<Vec<RetentionRule>> {
+        self.meta
+            .scan_prefix(WORKFLOW_RETENTION)
+            .map(|item| {
+                let (_, value) = item?;
+                serde_json::from_slice(&value).map_err(|e| Error::Io(std::io::Error::other(e)))
+            })
+            .collect()
     }
 
     /// Whether a retention rule (by its fingerprint) has run on this store before.

@@ -58,6 +58,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A duration that is not one of the accepted forms.
+    #[error("{what} must be a duration like 7d, 30d, 6h or 45m, got '{value}'")]
+    InvalidDuration {
+        /// What the duration is for.
+        what: &'static str,
+        /// What was given.
+        value: String,
+    },
+
     /// The store's config file is wrong.
     #[error("{}: {reason}", .path.display())]
     Config {

@@ -44,3 +44,32 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
 pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};
+pub use sloth_cas::IngestOptions;
+
+/// Decimal (SI) units: 1 KB = 1000 B, 1 MB = 1000 KB, as disk vendors and `ls --si` count.
+/// The spec prints `KB`, so that spelling stays even though SI writes `kB`.
+const UNITS: [&str; 6] = ["KB", "MB", "GB", "TB", "PB", "EB"];
+
+/// A byte count for people: `12 B`, `450 KB`, `2.5 MB`. Below 100 of a unit one decimal is
+/// shown, from 100 on none, so that a value never takes more than four digits.
+pub fn human_size(bytes: u64) -> String {
+    if bytes < 1000 {
+        return format!("{bytes} B");
+    }
+    let mut scale = 1000_f64;
+    for unit in UNITS {
+        let value = bytes as f64 / scale;
+        let tenths = (value * 10.0).round();
+        if tenths < 1000.0 {
+            return format!("{:.1} {unit}", tenths / 10.0);
+        }
+        // Rounding may carry into the next unit (999,999 B is 1.0 MB, not 1000 KB).
+        let whole = value.round();
+        if whole < 1000.0 {
+            return format!("{whole:.0} {unit}");
+        }
+        scale *= 1000.0;
+    }
+    // u64::MAX is 18.4 EB, so the loop always returns.
+    format!("{bytes} B")
+}

@@ -17,9 +17,16 @@ pub mod sloth {
             tonic::include_proto!("sloth.registry.v1");
         }
     }
+    pub mod workflows {
+        pub mod v1 {
+            tonic::include_proto!("sloth.workflows.v1");
+        }
+    }
 }
 
 /// Artifacts on one agent: list, show, upload, download, delete, events, chunk fetches.
 pub use sloth::artifacts::v1 as artifacts;
 /// The master's registry of agents.
 pub use sloth::registry::v1 as registry;
+/// Workflow runs on an agent.
+pub use sloth::workflows::v1 as workflows;
