@@ -797,3 +797,182 @@ every = "1h"
         "{events}"
     );
 }
+
+#[test]
+fn workflows_run_on_agents_and_land_in_their_stores() {
+    let net = Net::new();
+    let master = net.master(&[]);
+    let _build = net.agent("build-agent", Some(&master), &[]);
+    let m = master.addr.as_str();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let ci = examples.join("ci_pipeline.sloth");
+    let ci = ci.to_str().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !net
+        .cli(&["--master", m, "agent", "get", "build-agent"], "")
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "build-agent never registered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // The spec's use case 1: run on the build agent, then find the artifacts there.
+    let ran = net.ok(&[
+        "--master",
+        m,
+        "run",
+        "ci_pipeline",
+        "--file",
+        ci,
+        "--agent",
+        "build-agent",
+    ]);
+    assert!(ran.contains("  test │ 2 tests passed\n"), "{ran}");
+    assert!(
+        ran.contains(": 3 tasks, 2 artifacts stored in stack ci_pipeline on build-agent\n"),
+        "{ran}"
+    );
+    let listed = net.ok(&["--master", m, "agent", "artifacts", "list", "build-agent"]);
+    for (name, task) in [("app.bin", "build"), ("test-report.xml", "test")] {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains(" ci_pipeline ") && l.ends_with(task)),
+            "{name} in {listed}"
+        );
+    }
+    assert!(
+        !net.path("client-data").join("store").exists(),
+        "a run on an agent touched the local store"
+    );
+    // Bit-exact: the agent's app.bin is the one the same workflow builds locally.
+    net.ok(&["run", "ci_pipeline", "--file", ci]);
+    net.ok(&[
+        "agent",
+        "artifacts",
+        "download",
+        "local",
+        "app.bin",
+        "-o",
+        "local-app.bin",
+    ]);
+    net.ok(&[
+        "--master",
+        m,
+        "agent",
+        "artifacts",
+        "download",
+        "build-agent",
+        "app.bin",
+        "-o",
+        "agent-app.bin",
+    ]);
+    assert_eq!(
+        std::fs::read(net.path("agent-app.bin")).unwrap(),
+        std::fs::read(net.path("local-app.bin")).unwrap()
+    );
+
+    // A script the agent cannot load is refused before anything runs, with file and line.
+    std::fs::write(net.path("broken.sloth"), "task(\"x\"):retries(-1)\n").unwrap();
+    let broken = net.path("broken.sloth");
+    let err = net.fails(&[
+        "--master",
+        m,
+        "run",
+        "w",
+        "--file",
+        broken.to_str().unwrap(),
+        "--agent",
+        "build-agent",
+    ]);
+    assert!(
+        err.starts_with(&format!(
+            "error: {}:1: retries must be a whole number from 0 to 100, got -1",
+            broken.display()
+        )),
+        "{err}"
+    );
+
+    // A client that goes away stops the run: its commands are killed on the agent.
+    let marker = net.path("survived");
+    std::fs::write(
+        net.path("slow.sloth"),
+        format!(
+            "local slow = task(\"slow\"):command(\"(sleep 2; touch '{}') & sleep 30\"):build()\n\
+             workflow.define(\"slow\"):tasks({{slow}})\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let mut client = sloth()
+        .args(["--master", m, "run", "slow", "--file"])
+        .arg(net.path("slow.sloth"))
+        .args(["--agent", "build-agent"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap() == "▶ slow"));
+    client.kill().unwrap();
+    let _ = client.wait();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert!(!marker.exists(), "the run went on after its client left");
+}
+
+#[test]
+fn running_workflows_needs_the_run_scope() {
+    let net = Net::new();
+    let tokens = net.path("tokens");
+    std::fs::write(
+        &tokens,
+        token_line("wr1ter", "read,write", "ci-bot") + &token_line("runn3r", "read,run", "builder"),
+    )
+    .unwrap();
+    let agent = net.agent("secure", None, &["--tokens", tokens.to_str().unwrap()]);
+    let a = agent.addr.as_str();
+    let ci = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ci_pipeline.sloth");
+    let ci = ci.to_str().unwrap();
+    let under = net.fails(&[
+        "--token",
+        "wr1ter",
+        "run",
+        "ci_pipeline",
+        "--file",
+        ci,
+        "--agent",
+        a,
+    ]);
+    assert!(
+        under.contains("permission denied: this call needs the 'run' scope"),
+        "{under}"
+    );
+    net.ok(&[
+        "--token",
+        "runn3r",
+        "run",
+        "ci_pipeline",
+        "--file",
+        ci,
+        "--agent",
+        a,
+    ]);
+    let events = net.ok(&[
+        "--token",
+        "runn3r",
+        "events",
+        "list",
+        "--agent",
+        a,
+        "--type",
+        "artifact.upload",
+    ]);
+    assert!(
+        events.contains("builder via workflow ci_pipeline"),
+        "{events}"
+    );
+}
