@@ -217,7 +217,7 @@ pub(crate) enum PolicyCommand {
 pub(crate) enum TokenCommand {
     /// Make a random token and print it with the token-file line that grants it.
     New {
-        /// Scopes, comma-separated: read, write, delete, admin.
+        /// Scopes, comma-separated: read, write, delete, run, admin.
         #[arg(long, default_value = "read")]
         scopes: String,
         /// Who the token stands for (recorded in events).
