@@ -111,6 +111,10 @@ impl workflows_server::Workflows for WorkflowsService {
             let (script, plan) = match loaded {
                 Ok(loaded) => {
                     let _ = ready_tx.send(Ok(()));
+                    let held = early.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    for wire in held.unwrap_or_default() {
+                        let _ = futures::executor::block_on(tx.send(Ok(wire)));
+                    }
                     loaded
                 }
                 Err(e) => {

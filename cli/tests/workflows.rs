@@ -235,3 +235,81 @@ fn failures_exit_non_zero_with_a_message_naming_the_cause() {
     );
     assert!(text(&out.stdout).is_empty());
 }
+
+#[test]
+fn artifact_retention_applies_to_the_runs_stack_and_is_registered() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let old = dir.path().join("old.txt");
+    std::fs::write(&old, "from last month").unwrap();
+    let elsewhere = run(
+        &data,
+        &[
+            "agent",
+            "artifacts",
+            "upload",
+            "local",
+            old.to_str().unwrap(),
+            "--stack",
+            "other",
+        ],
+    );
+    assert!(elsewhere.status.success());
+    let up = run(
+        &data,
+        &[
+            "agent",
+            "artifacts",
+            "upload",
+            "local",
+            old.to_str().unwrap(),
+            "--stack",
+            "s",
+        ],
+    );
+    assert!(up.status.success(), "{}", text(&up.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let script = dir.path().join("keep.sloth");
+    std::fs::write(
+        &script,
+        "local t = task(\"t\"):artifacts({\"new.txt\"}):command(function()\n\
+           fs.write(\"new.txt\", \"fresh\")\n  return true\nend):build()\n\
+         workflow.define(\"w\"):tasks({t}):config({ artifact_retention = \"0d\" })\n",
+    )
+    .unwrap();
+    let out = run(
+        &data,
+        &[
+            "run",
+            "w",
+            "--file",
+            script.to_str().unwrap(),
+            "--stack",
+            "s",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("🧹 artifact_retention = 0d on stack s: deleted "),
+        "{stdout}"
+    );
+    let listed = text(&run(&data, &["agent", "artifacts", "list", "local"]).stdout);
+    assert!(
+        !listed
+            .lines()
+            .any(|l| l.starts_with("old.txt") && l.contains(" s ")),
+        "{listed}"
+    );
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("old.txt") && l.contains(" other ")),
+        "{listed}"
+    );
+    let events = text(&run(&data, &["events", "list", "--type", "artifact.cleanup"]).stdout);
+    assert!(
+        events.contains("retention older-than(older_than=0d) on stack s"),
+        "{events}"
+    );
+}

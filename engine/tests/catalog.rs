@@ -573,3 +573,38 @@ async fn a_failed_projection_rebuild_does_not_lock_the_store() {
     engine.delete(&sel("a.bin"), "a").await.unwrap();
     assert!(engine.list(&ListQuery::default()).unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_retention_rules_are_one_per_stack_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = open(dir.path()).await;
+        let (rule, changed) = engine.register_workflow_retention("ci", "30d").unwrap();
+        assert!(changed);
+        assert_eq!(rule.policy, "older-than");
+        assert_eq!(rule.params["older_than"], "30d");
+        assert_eq!(rule.stack.as_deref(), Some("ci"));
+        assert!(!engine.register_workflow_retention("ci", "30d").unwrap().1);
+        assert!(engine.register_workflow_retention("ci", "7d").unwrap().1);
+        engine.register_workflow_retention("nightly", "1d").unwrap();
+        let err = engine
+            .register_workflow_retention("ci", "a month")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "artifact_retention must be a duration like 7d, 30d, 6h or 45m, got 'a month'"
+        );
+        assert!(engine.register_workflow_retention("a/b", "1d").is_err());
+    }
+    let engine = open(dir.path()).await;
+    let rules: Vec<(String, String)> = engine
+        .workflow_retention_rules()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.stack.unwrap(), r.params["older_than"].clone()))
+        .collect();
+    assert_eq!(
+        rules,
+        [("ci".into(), "7d".into()), ("nightly".into(), "1d".into())]
+    );
+}

@@ -23,6 +23,20 @@ pub(crate) fn install(lua: &Lua, shared: &Arc<Shared>) -> mlua::Result<()> {
     globals.set("exec", exec_module(lua, shared)?)?;
     globals.set("log", log_module(lua, shared)?)?;
     globals.set("fs", fs_module(lua, shared)?)?;
+    // `print` is `log.info`: on an agent, stdout is the agent's, not the user's.
+    let log: Table = globals.get("log")?;
+    globals.set("print", log.get::<mlua::Function>("info")?)?;
+    // A script must not end the process it runs in (on an agent: the agent).
+    let os: Table = globals.get("os")?;
+    os.set(
+        "exit",
+        lua.create_function(|lua, _: mlua::MultiValue| -> mlua::Result<()> {
+            Err(raise(
+                lua,
+                "os.exit is not available in workflows: return false, \"message\" to fail a task",
+            ))
+        })?,
+    )?;
     Ok(())
 }
 

@@ -517,3 +517,25 @@ async fn artifact_compression_off_stores_chunks_raw() {
     assert!(stored("raw") >= 420_000, "raw: {}", stored("raw"));
     assert!(stored("packed") < 42_000, "packed: {}", stored("packed"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn print_is_logged_and_os_exit_cannot_end_the_process() {
+    let h = Harness::new().await;
+    let source = r#"
+print("top", "level")
+local t = task("t"):command(function()
+    os.exit(1)
+end):build()
+workflow.define("w"):tasks({t})
+"#;
+    let report = h.run(source, "w").await;
+    assert!(h.events().contains(&RunEvent::Log {
+        task: None,
+        level: sloth_lua::Level::Info,
+        message: "top level".into(),
+    }));
+    assert_eq!(
+        task(&report, "t").message,
+        "flow.sloth:4: os.exit is not available in workflows: return false, \"message\" to fail a task"
+    );
+}
