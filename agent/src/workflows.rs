@@ -94,12 +94,21 @@ impl workflows_server::Workflows for WorkflowsService {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let events = tx.clone();
+            // What the script logs while it loads is held back until the stream exists (the
+            // channel could fill before anyone reads it).
+            let early = Arc::new(std::sync::Mutex::new(Some(Vec::new())));
+            let held = Arc::clone(&early);
             let sink: sloth_lua::Sink = Arc::new(move |event| {
+                let wire = event_to_wire(event);
+                if let Some(held) = held.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    held.push(wire);
+                    return;
+                }
                 // A client gone away closes the channel; the run notices below and stops.
                 // (The run's thread waits here while the client is slow: backpressure. It is
                 // inside the runtime's `block_on`, where tokio's `blocking_send` may not be
                 // used, so the send is driven by a plain executor.)
-                let _ = futures::executor::block_on(events.send(Ok(event_to_wire(event))));
+                let _ = futures::executor::block_on(events.send(Ok(wire)));
             });
             let env = ScriptEnv {
                 base_dir: work_root.clone(),
