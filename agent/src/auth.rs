@@ -79,6 +79,7 @@ impl Scope {
                 | "GetChunks" => Scope::Read,
                 "Upload" => Scope::Write,
                 "Delete" | "Cleanup" => Scope::Delete,
+                // "Verify" (a whole-store rehash that may mark versions damaged) needs admin.
                 _ => Scope::Admin,
             },
             Some(("/sloth.artifacts.v1.Agent", "Info")) => Scope::Read,

@@ -491,6 +491,23 @@ impl Remote {
         ))
     }
 
+    /// Verifies the agent's store (see `Engine::verify`). No deadline: it rehashes the whole
+    /// store.
+    pub async fn verify(
+        &self,
+        stack: Option<String>,
+        repair: bool,
+    ) -> Result<sloth_engine::VerifyReport> {
+        let response = self
+            .conn
+            .artifacts()
+            .verify(tonic::Request::new(pb::VerifyRequest { stack, repair }))
+            .await
+            .map_err(|s| self.conn.fail(s))?
+            .into_inner();
+        convert::verify_report_from(response)
+    }
+
     /// Runs a workflow on the agent, handing each event to `on_event` as it arrives. Returns
     /// the run's report (task failures are in it, not errors). A script the agent cannot load,
     /// or a workflow it cannot plan, is refused before anything runs.

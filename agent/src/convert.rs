@@ -21,6 +21,7 @@ pub(crate) fn artifact(record: &ArtifactRecord, layout_path: Option<String>) -> 
         modified_at: record.modified_at,
         download_count: record.download_count,
         last_download_at: record.last_download_at,
+        damaged: record.damaged.clone(),
         layout_path,
     }
 }
@@ -45,6 +46,7 @@ pub(crate) fn record(a: pb::Artifact) -> Result<(ArtifactRecord, Option<String>)
         modified_at: a.modified_at,
         download_count: a.download_count,
         last_download_at: a.last_download_at,
+        damaged: a.damaged,
     };
     // The names are shown and used as file names: hold them to the engine's rules.
     record.key()?;
@@ -158,4 +160,88 @@ pub(crate) fn header(
         )));
     }
     Ok((record, refs, digests(&h.sha256, &h.blake3)?))
+}
+
+pub(crate) fn verify_report(r: &sloth_engine::VerifyReport) -> pb::VerifyResponse {
+    pb::VerifyResponse {
+        chunks_checked: r.chunks_checked,
+        bytes_checked: r.bytes_checked,
+        manifests_checked: r.manifests_checked,
+        versions_checked: r.versions_checked,
+        bad_chunks: r
+            .bad_chunks
+            .iter()
+            .map(|b| pb::BadChunk {
+                chunk: b.chunk.clone(),
+                reason: b.reason.clone(),
+                versions: b.versions.iter().map(|v| artifact(v, None)).collect(),
+            })
+            .collect(),
+        bad_manifests: r
+            .bad_manifests
+            .iter()
+            .map(|(manifest, reason)| pb::BadManifest {
+                manifest: manifest.clone(),
+                reason: reason.clone(),
+            })
+            .collect(),
+        damaged: r
+            .damaged
+            .iter()
+            .map(|(record, reason)| pb::DamagedVersion {
+                artifact: Some(artifact(record, None)),
+                reason: reason.clone(),
+            })
+            .collect(),
+        newly_marked: r.newly_marked as u64,
+        healed: r.healed.iter().map(|v| artifact(v, None)).collect(),
+        chunks_removed: r.chunks_removed,
+        projection_problems: r.projection_problems.clone(),
+        projections_rebuilt: r.projections_rebuilt,
+        ref_mismatches: r.ref_mismatches,
+    }
+}
+
+pub(crate) fn verify_report_from(r: pb::VerifyResponse) -> Result<sloth_engine::VerifyReport> {
+    let records = |artifacts: Vec<pb::Artifact>| -> Result<Vec<ArtifactRecord>> {
+        artifacts.into_iter().map(|a| Ok(record(a)?.0)).collect()
+    };
+    Ok(sloth_engine::VerifyReport {
+        chunks_checked: r.chunks_checked,
+        bytes_checked: r.bytes_checked,
+        manifests_checked: r.manifests_checked,
+        versions_checked: r.versions_checked,
+        bad_chunks: r
+            .bad_chunks
+            .into_iter()
+            .map(|b| {
+                Ok(sloth_engine::BadChunkUse {
+                    chunk: b.chunk,
+                    reason: b.reason,
+                    versions: records(b.versions)?,
+                })
+            })
+            .collect::<Result<_>>()?,
+        bad_manifests: r
+            .bad_manifests
+            .into_iter()
+            .map(|b| (b.manifest, b.reason))
+            .collect(),
+        damaged: r
+            .damaged
+            .into_iter()
+            .map(|d| {
+                let artifact = d
+                    .artifact
+                    .ok_or_else(|| Error::Protocol("a damaged entry without an artifact".into()))?;
+                Ok((record(artifact)?.0, d.reason))
+            })
+            .collect::<Result<_>>()?,
+        newly_marked: r.newly_marked as usize,
+        healed: records(r.healed)?,
+        chunks_removed: r.chunks_removed,
+        projection_problems: r.projection_problems,
+        projections_rebuilt: r.projections_rebuilt,
+        ref_mismatches: r.ref_mismatches,
+    })
 }

@@ -104,7 +104,7 @@ pub(crate) fn status(e: &sloth_engine::Error) -> Status {
         E::InvalidName { .. } | E::BadInput { .. } => Status::invalid_argument(message),
         E::NotFound { .. } => Status::not_found(message),
         E::Ambiguous { .. } => Status::failed_precondition(message),
-        E::Damaged { .. } => Status::data_loss(message),
+        E::Damaged { .. } | E::MarkedDamaged { .. } => Status::data_loss(message),
         E::Store(c) => cas_status(c, message),
         _ => Status::internal(message),
     }

@@ -417,6 +417,7 @@ impl ArtifactsService {
 
     async fn header(&self, selector: pb::Selector) -> Result<pb::DownloadHeader, Status> {
         let record = self.resolve(selector)?;
+        sloth_engine::refuse_damaged(&record).map_err(|e| status(&e))?;
         let manifest = self
             .engine
             .cas()
@@ -613,6 +614,23 @@ impl artifacts_server::Artifacts for ArtifactsService {
         request: Request<pb::Selector>,
     ) -> Result<Response<pb::DownloadHeader>, Status> {
         Ok(Response::new(self.header(request.into_inner()).await?))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let principal = principal(&request);
+        let r = request.into_inner();
+        if let Some(stack) = &r.stack {
+            sloth_engine::Name::parse("stack", stack).map_err(|e| status(&e))?;
+        }
+        let report = self
+            .engine
+            .verify(r.stack.as_deref(), r.repair, &principal)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(convert::verify_report(&report)))
     }
 
     async fn cleanup(

@@ -247,6 +247,22 @@ pub(crate) enum ArtifactsCommand {
     /// Delete what a retention policy chooses: by default, versions older than --older-than.
     #[command(after_help = SIZES_AND_TIMES)]
     Cleanup(CleanupArgs),
+    /// Rehash every chunk and check every manifest and projection; report each problem with
+    /// the artifact versions it hurts. Exits 1 when anything is wrong.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    /// Agent name: `local`, a name the master knows, or host:port.
+    pub(crate) agent: String,
+    /// Report (and repair) only this stack's artifacts; the chunks are checked store-wide.
+    #[arg(long, short = 's')]
+    pub(crate) stack: Option<String>,
+    /// Mark versions whose content is lost as damaged (still listed, never served) and rebuild
+    /// metadata.db and the artifacts/ layout.
+    #[arg(long)]
+    pub(crate) repair: bool,
 }
 
 #[derive(Debug, Args)]

@@ -89,7 +89,10 @@ pub(crate) async fn list(ctx: &Context, args: ListArgs, out: &mut dyn Write) -> 
     let mut table = Table::new(&columns);
     for Listed { record: r, .. } in &records {
         let mut row = vec![
-            r.name.clone(),
+            match r.damaged {
+                Some(_) => format!("{} ⚠ damaged", r.name),
+                None => r.name.clone(),
+            },
             r.stack.clone(),
             human_size(r.size),
             utc_time(r.created_at),
@@ -316,6 +319,7 @@ pub(crate) async fn show(ctx: &Context, args: ShowArgs, out: &mut dyn Write) -> 
     let record = &artifact.record;
     let path = match &artifact.layout_path {
         None if !layout_enabled => "(layout projection disabled)".to_owned(),
+        _ if record.damaged.is_some() => "(not in the layout: damaged)".to_owned(),
         Some(path) if record.version == *newest => path.clone(),
         _ => format!("(not in the layout, which shows only the newest version, {newest})"),
     };
@@ -335,6 +339,9 @@ pub(crate) async fn show(ctx: &Context, args: ShowArgs, out: &mut dyn Write) -> 
     ];
     for (label, value) in fields {
         writeln!(out, "{label:<12}{value}")?;
+    }
+    if let Some(reason) = &record.damaged {
+        writeln!(out, "{:<12}{reason} (downloads are refused)", "Damaged:")?;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod format;
 mod progress;
 mod run;
 mod serve;
+mod verify;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -109,6 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 ArtifactsCommand::Copy(args) => artifacts::copy(&ctx, args, &mut out).await?,
                 ArtifactsCommand::Cleanup(args) => cleanup::cleanup(&ctx, args, &mut out).await?,
+                ArtifactsCommand::Verify(args) => verify::verify(&ctx, args, &mut out).await?,
             },
             AgentCommand::Start(args) => {
                 drop(out);

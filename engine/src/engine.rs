@@ -350,6 +350,7 @@ impl Engine {
                         modified_at: now,
                         download_count: 0,
                         last_download_at: None,
+                        damaged: None,
                     };
                     artifacts.insert(key.version_key(version), record.encode())?;
                     by_name.insert(by_name_key(key), &[])?;
@@ -535,6 +536,7 @@ impl Engine {
         target: &Path,
         principal: &str,
     ) -> Result<PathBuf> {
+        refuse_damaged(record)?;
         let target = if target.is_dir() {
             target.join(&record.name)
         } else {
@@ -918,6 +920,102 @@ impl Engine {
         Ok(self.meta.get(GENERATION)?.map_or(0, |v| decode_u64(&v)))
     }
 
+    /// The catalog's generation, `metadata.db`'s, and its number of artifact rows.
+    pub(crate) fn projection_figures(&self) -> Result<(u64, Option<u64>, u64)> {
+        Ok((
+            self.generation()?,
+            self.sqlite.generation()?,
+            self.sqlite.rows()?,
+        ))
+    }
+
+    /// Rebuilds `metadata.db` and the layout from the catalog, whatever their state.
+    pub(crate) async fn rebuild_projections(&self) -> Result<()> {
+        let _write = self.write.lock().await;
+        let generation = self.generation()?;
+        let all = self.list(&ListQuery {
+            all_versions: true,
+            ..ListQuery::default()
+        })?;
+        let events = self.events(None, None)?;
+        self.sqlite.rebuild(&all, &events, generation)?;
+        if let Some(layout) = &self.layout {
+            layout
+                .rebuild(&self.cas, &self.shown_in_layout()?, generation)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the layout's materialized object of `record`'s content (found not to match it).
+    pub(crate) fn discard_layout_object(&self, record: &ArtifactRecord) -> Result<()> {
+        match &self.layout {
+            Some(layout) => layout.discard_object(record),
+            None => Ok(()),
+        }
+    }
+
+    /// What the layout shows: the newest version of each artifact, unless it is damaged.
+    fn shown_in_layout(&self) -> Result<Vec<ArtifactRecord>> {
+        Ok(self
+            .list(&ListQuery::default())?
+            .into_iter()
+            .filter(|r| r.damaged.is_none())
+            .collect())
+    }
+
+    /// Marks a version damaged (see [`ArtifactRecord::damaged`]) or, with `None`, restored,
+    /// recording an `artifact.damaged` / `artifact.restored` event. The caller rebuilds the
+    /// projections afterwards.
+    pub(crate) async fn set_damaged(
+        &self,
+        record: &ArtifactRecord,
+        reason: Option<&str>,
+        principal: &str,
+    ) -> Result<()> {
+        let kind = if reason.is_some() {
+            "artifact.damaged"
+        } else {
+            "artifact.restored"
+        };
+        let key = record.key()?;
+        let now = now_secs();
+        let _write = self.write.lock().await;
+        let result = (&self.artifacts, &self.events, &self.meta)
+            .transaction(|(artifacts, events, meta)| {
+                let Some(bytes) = artifacts.get(key.version_key(record.version))? else {
+                    return Ok(None);
+                };
+                let mut current = ArtifactRecord::decode(&bytes).map_err(|e| {
+                    ConflictableTransactionError::Abort(sloth_cas::Error::Task(e.to_string()))
+                })?;
+                current.damaged = reason.map(str::to_owned);
+                current.modified_at = now;
+                artifacts.insert(key.version_key(record.version), current.encode())?;
+                let event = self.event_tx(events, meta, kind, &current, principal, now)?;
+                Ok(Some(event))
+            })
+            .map_err(tx_error)
+            .map_err(Error::from)?;
+        self.cas.flush().await?;
+        if result.is_some() {
+            tracing::warn!(
+                "{} {} v{} ({}/{}){}",
+                if reason.is_some() {
+                    "marked damaged:"
+                } else {
+                    "restored:"
+                },
+                record.name,
+                record.version,
+                record.stack,
+                record.task,
+                reason.map(|r| format!(": {r}")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
     async fn project_upsert(&self, record: &ArtifactRecord, event: &Event) -> Result<()> {
         let generation = self.generation()?;
         self.sqlite.upsert(record, event, generation)?;
@@ -955,10 +1053,23 @@ impl Engine {
             && layout.generation()? != Some(generation)
         {
             tracing::info!("rebuilding the artifacts/ layout at generation {generation}");
-            let newest = self.list(&ListQuery::default())?;
-            layout.rebuild(&self.cas, &newest, generation).await?;
+            layout
+                .rebuild(&self.cas, &self.shown_in_layout()?, generation)
+                .await?;
         }
         Ok(())
+    }
+}
+
+/// A version `verify --repair` marked damaged is never served.
+pub fn refuse_damaged(record: &ArtifactRecord) -> Result<()> {
+    match &record.damaged {
+        Some(reason) => Err(Error::MarkedDamaged {
+            name: record.name.clone(),
+            version: record.version,
+            reason: reason.clone(),
+        }),
+        None => Ok(()),
     }
 }
 

@@ -96,6 +96,19 @@ pub enum Error {
         source: sloth_cas::Error,
     },
 
+    /// `verify --repair` found this version's content lost and marked it.
+    #[error(
+        "artifact '{name}' (version {version}) is damaged and cannot be downloaded: {reason} (found by verify; delete it, or upload it again)"
+    )]
+    MarkedDamaged {
+        /// The artifact.
+        name: String,
+        /// Its version.
+        version: u32,
+        /// What verify found.
+        reason: String,
+    },
+
     /// The metadata.db projection failed.
     #[error("metadata.db: {0}")]
     Sqlite(#[from] rusqlite::Error),

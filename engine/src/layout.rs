@@ -91,6 +91,15 @@ impl Layout {
         self.objects.join(&hex[..2]).join(&hex)
     }
 
+    /// Removes the materialized object of `record`'s content, if any.
+    pub(crate) fn discard_object(&self, record: &ArtifactRecord) -> Result<()> {
+        let path = self.object_path(record);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(at(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the content of `manifest` is already materialized.
     pub(crate) fn has_object(&self, manifest: ManifestId) -> bool {
         self.manifest_path(manifest).exists()

@@ -35,16 +35,19 @@ mod layout;
 mod name;
 mod record;
 mod sqlite;
+mod verify;
 
 pub use cleanup::{CleanupReport, CleanupRequest, Doomed};
 pub use config::{CONFIG_FILE, RetentionRule, StoreConfigFile, config_path};
 pub use engine::{
     Engine, EngineConfig, ListQuery, Receiving, Selector, StackUsage, error_chain, open_upload,
+    refuse_damaged,
 };
 pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
 pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};
 pub use sloth_cas::IngestOptions;
+pub use verify::{BadChunkUse, VerifyReport};
 
 /// Decimal (SI) units: 1 KB = 1000 B, 1 MB = 1000 KB, as disk vendors and `ls --si` count.
 /// The spec prints `KB`, so that spelling stays even though SI writes `kB`.

@@ -86,6 +86,11 @@ pub struct ArtifactRecord {
     /// Last successful download, Unix seconds.
     #[serde(default)]
     pub last_download_at: Option<i64>,
+    /// Set by `verify --repair` when the content can no longer be read back (a chunk or the
+    /// manifest was lost or corrupted): why. Such a version stays listed; downloads of it are
+    /// refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
 
 impl ArtifactRecord {

@@ -116,6 +116,14 @@ impl SqliteProjection {
             .map(|v| v as u64))
     }
 
+    /// Rows in the `artifacts` table.
+    pub(crate) fn rows(&self) -> Result<u64> {
+        Ok(self
+            .lock()
+            .query_row("SELECT COUNT(*) FROM artifacts", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
     /// Whether the layout was on when this file was last rebuilt (its `path` column depends
     /// on it), or `None` for a file from before this was recorded.
     pub(crate) fn layout_flag(&self) -> Result<Option<bool>> {
