@@ -233,6 +233,7 @@ mod tests {
             modified_at: 1,
             download_count: 0,
             last_download_at: None,
+            damaged: None,
         };
         assert_eq!(ArtifactRecord::decode(&rec.encode()).unwrap(), rec);
         let evil = String::from_utf8(rec.encode())
