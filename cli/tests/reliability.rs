@@ -90,12 +90,21 @@ s agent artifacts download local small.bin -o "$DIR/small.out" >/dev/null 2>&1 |
         let context = format!("layout = {layout}:\n{out}");
         assert!(!out.contains("UPLOAD-SUCCEEDED"), "{context}");
         assert!(out.contains("No space left on device"), "{context}");
-        for failure in ["LIST-FAILED", "VERIFY1-FAILED", "RETRY-FAILED", "VERIFY2-FAILED", "DOWNLOAD-FAILED"] {
+        for failure in [
+            "LIST-FAILED",
+            "VERIFY1-FAILED",
+            "RETRY-FAILED",
+            "VERIFY2-FAILED",
+            "DOWNLOAD-FAILED",
+        ] {
             assert!(!out.contains(failure), "{failure}: {context}");
         }
         // No partial version: only small.bin was listed while the disk was full.
         let listed = std::fs::read_to_string(dir.path().join("listed.json")).unwrap();
-        assert!(listed.contains("small.bin") && !listed.contains("big.bin"), "{listed}");
+        assert!(
+            listed.contains("small.bin") && !listed.contains("big.bin"),
+            "{listed}"
+        );
         for name in ["big", "small"] {
             assert!(
                 std::fs::read(dir.path().join(format!("{name}.bin"))).unwrap()
