@@ -976,3 +976,134 @@ fn running_workflows_needs_the_run_scope() {
         "{events}"
     );
 }
+
+#[test]
+fn verify_and_repair_work_on_remote_agents_for_admins() {
+    let net = Net::new();
+    let tokens = net.path("tokens");
+    std::fs::write(
+        &tokens,
+        token_line("r3ader", "read,write", "dashboard") + &token_line("4dmin", "admin", "ops"),
+    )
+    .unwrap();
+    let agent = net.agent("store", None, &["--tokens", tokens.to_str().unwrap()]);
+    let a = agent.addr.as_str();
+    net.write_random("good.bin", 500_000, 1);
+    net.write_random("bad.bin", 500_000, 2);
+    for name in ["good.bin", "bad.bin"] {
+        net.ok(&["--token", "4dmin", "agent", "artifacts", "upload", a, name]);
+    }
+    let clean = net.ok(&["--token", "4dmin", "agent", "artifacts", "verify", a]);
+    assert!(clean.contains(": no problems\n"), "{clean}");
+    let denied = net.fails(&["--token", "r3ader", "agent", "artifacts", "verify", a]);
+    assert!(denied.contains("needs the 'admin' scope"), "{denied}");
+
+    // Flip a byte inside bad.bin's content where it sits in the agent's pack file.
+    let bad = std::fs::read(net.path("bad.bin")).unwrap();
+    let needle = &bad[200_000..200_064];
+    let packs = net.path("store-data/store/packs");
+    let mut flipped = false;
+    for pack in std::fs::read_dir(&packs).unwrap() {
+        let pack = pack.unwrap().path();
+        let mut bytes = std::fs::read(&pack).unwrap();
+        if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[at] ^= 1;
+            std::fs::write(&pack, bytes).unwrap();
+            flipped = true;
+        }
+    }
+    assert!(flipped, "bad.bin's bytes not found in the packs");
+
+    let found = net.cli(&["--token", "4dmin", "agent", "artifacts", "verify", a], "");
+    assert_eq!(found.status.code(), Some(1));
+    let stdout = String::from_utf8(found.stdout).unwrap();
+    assert!(
+        stdout.contains("✗ Damaged: bad.bin v1 (stack default, task default): chunk "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("good.bin"), "{stdout}");
+    let repaired = net.cli(
+        &[
+            "--token",
+            "4dmin",
+            "agent",
+            "artifacts",
+            "verify",
+            a,
+            "--repair",
+        ],
+        "",
+    );
+    let stdout = String::from_utf8(repaired.stdout).unwrap();
+    assert!(
+        stdout.contains("✓ Repaired: marked 1 version damaged"),
+        "{stdout}"
+    );
+    let listed = net.ok(&["--token", "r3ader", "agent", "artifacts", "list", a]);
+    assert!(listed.contains("bad.bin ⚠ damaged"), "{listed}");
+    let refused = net.fails(&[
+        "--token",
+        "r3ader",
+        "agent",
+        "artifacts",
+        "download",
+        a,
+        "bad.bin",
+    ]);
+    assert!(
+        refused.contains("is damaged and cannot be downloaded"),
+        "{refused}"
+    );
+    net.ok(&[
+        "--token",
+        "r3ader",
+        "agent",
+        "artifacts",
+        "download",
+        a,
+        "good.bin",
+        "-o",
+        "good.out",
+    ]);
+    assert!(
+        std::fs::read(net.path("good.out")).unwrap()
+            == std::fs::read(net.path("good.bin")).unwrap()
+    );
+    // The same content uploaded again heals the old version.
+    net.ok(&[
+        "--token",
+        "4dmin",
+        "agent",
+        "artifacts",
+        "upload",
+        a,
+        "bad.bin",
+    ]);
+    let healed = net.ok(&[
+        "--token",
+        "4dmin",
+        "agent",
+        "artifacts",
+        "verify",
+        a,
+        "--repair",
+    ]);
+    assert!(
+        healed.contains("cleared the damaged mark of 1 restored version"),
+        "{healed}"
+    );
+    net.ok(&[
+        "--token",
+        "r3ader",
+        "agent",
+        "artifacts",
+        "download",
+        a,
+        "bad.bin",
+        "--version",
+        "1",
+        "-o",
+        "bad.out",
+    ]);
+    assert!(std::fs::read(net.path("bad.out")).unwrap() == bad);
+}
