@@ -249,3 +249,86 @@ impl WorkflowRules {
         }
     }
 }
+
+/// Verifies the whole store every `every` (the first time one interval after start: a
+/// rehash of everything is not what a restart should begin with), recording each run as a
+/// `store.verify` event (version column: damaged versions found; size: bytes checked).
+pub(crate) async fn verify_on_schedule(engine: Arc<Engine>, every: Duration, repair: bool) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        ticker.tick().await;
+        let (principal, damaged, bytes) = match engine
+            .verify(None, repair, "scheduled verify")
+            .await
+        {
+            Ok(report) => {
+                if report.is_clean() {
+                    tracing::info!(
+                        "scheduled verify: {} chunks, {} versions: no problems",
+                        report.chunks_checked,
+                        report.versions_checked
+                    );
+                } else {
+                    tracing::warn!(
+                        "scheduled verify: {} bad chunks, {} damaged versions, {} projection problems{}",
+                        report.bad_chunks.len(),
+                        report.damaged.len(),
+                        report.projection_problems.len(),
+                        if repair {
+                            " (repaired)"
+                        } else {
+                            "; run verify --repair"
+                        }
+                    );
+                }
+                (
+                    format!(
+                        "scheduled verify: {}",
+                        if report.is_clean() {
+                            "clean"
+                        } else {
+                            "problems found"
+                        }
+                    ),
+                    report.damaged.len() as u32,
+                    report.bytes_checked,
+                )
+            }
+            Err(e) => {
+                tracing::warn!("scheduled verify failed: {e}");
+                (format!("scheduled verify failed: {e}"), 0, 0)
+            }
+        };
+        if let Err(e) = engine
+            .record_event("store.verify", &principal, "*", "verify", damaged, bytes)
+            .await
+        {
+            tracing::warn!("recording the verify run failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scheduled_verify_records_each_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(
+            Engine::open(dir.path(), sloth_engine::EngineConfig::default())
+                .await
+                .expect("open"),
+        );
+        let task = tokio::spawn(verify_on_schedule(
+            Arc::clone(&engine),
+            Duration::from_millis(200),
+            false,
+        ));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        task.abort();
+        let runs = engine.events(Some("store.verify"), None).expect("events");
+        assert!(runs.len() >= 2, "{runs:?}");
+        assert_eq!(runs[0].principal, "scheduled verify: clean");
+    }
+}

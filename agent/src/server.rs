@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub grace: Duration,
     /// Retention rules to run on schedule.
     pub retention: Vec<sloth_engine::RetentionRule>,
+    /// Verify the whole store this often, repairing too when the flag is set.
+    pub verify: Option<(Duration, bool)>,
     /// Where relative policy module paths of the rules are found (the config file's folder).
     pub policy_dir: std::path::PathBuf,
 }
@@ -66,6 +68,7 @@ impl AgentConfig {
             insecure: false,
             grace: Duration::from_secs(30),
             retention: Vec::new(),
+            verify: None,
             policy_dir: std::path::PathBuf::from("."),
         }
     }
@@ -187,6 +190,13 @@ pub async fn serve(
         config.retention.clone(),
         config.policy_dir.clone(),
     );
+    let verifier = config.verify.map(|(every, repair)| {
+        tokio::spawn(crate::retention::verify_on_schedule(
+            Arc::clone(&engine),
+            every,
+            repair,
+        ))
+    });
     let workflow_rules = crate::retention::WorkflowRules::start(
         Arc::clone(&engine),
         Arc::clone(&policies),
@@ -247,6 +257,9 @@ pub async fn serve(
         task.abort();
     }
     workflow_rules.stop();
+    if let Some(task) = verifier {
+        task.abort();
+    }
     let _ = stop_tx.send(true);
     if let Some(task) = metrics_server {
         let _ = task.await;

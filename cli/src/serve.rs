@@ -80,11 +80,21 @@ pub(crate) async fn agent_start(
         .config
         .clone()
         .unwrap_or_else(|| sloth_engine::config_path(&ctx.data_dir));
-    config.retention = match &args.config {
+    let store_config = match &args.config {
         Some(path) => sloth_engine::StoreConfigFile::load_from(path)?,
         None => sloth_engine::StoreConfigFile::load(&ctx.data_dir)?,
-    }
-    .retention;
+    };
+    config.verify = store_config.verify_every.as_deref().map(|every| {
+        let secs = sloth_policies::parse_duration(every)
+            .unwrap_or(86_400)
+            .max(60);
+        (
+            std::time::Duration::from_secs(secs as u64),
+            store_config.verify_repair.unwrap_or(false),
+        )
+    });
+    let store_config_every = store_config.verify_every.clone();
+    config.retention = store_config.retention;
     config.policy_dir = config_file
         .parent()
         .map(std::path::Path::to_path_buf)
@@ -116,6 +126,13 @@ pub(crate) async fn agent_start(
             "ℹ Retention: {} every {}",
             rule.fingerprint(),
             rule.every
+        )?;
+    }
+    if let (Some((_, repair)), Some(every)) = (config.verify, &store_config_every) {
+        writeln!(
+            out,
+            "ℹ Verify: the whole store every {every}{}",
+            if repair { ", repairing" } else { "" }
         )?;
     }
     if let Some(master) = &config.master {

@@ -28,6 +28,10 @@ pub const CONFIG_FILE: &str = "config.toml";
 /// every = "1h"            # how often (at least 1m)
 /// max_share = 0.5         # never delete more than this share of the versions in one run
 /// dry_run_first = true    # the first run of a rule new to this store only reports (default)
+///
+/// # Whole-store verification by `sloth-runner agent start` (default: never)
+/// verify_every = "1d"
+/// verify_repair = false   # also mark damaged versions and rebuild projections
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +45,11 @@ pub struct StoreConfigFile {
     /// Retention rules an agent runs on schedule.
     #[serde(default)]
     pub retention: Vec<RetentionRule>,
+    /// How often an agent verifies its whole store (`1d`; at least `1m`; default never).
+    pub verify_every: Option<String>,
+    /// Whether a scheduled verify also repairs (marks damaged versions, rebuilds the
+    /// projections); default false: it only reports.
+    pub verify_repair: Option<bool>,
 }
 
 /// One scheduled retention rule (see [`StoreConfigFile`]).
@@ -148,6 +157,13 @@ impl StoreConfigFile {
         {
             return Err(format!("zstd_level must be 1 to 22, got {level}"));
         }
+        if let Some(every) = &parsed.verify_every
+            && sloth_policies::parse_duration(every).is_none_or(|s| s < 60)
+        {
+            return Err(format!(
+                "verify_every = \"{every}\" must be a duration of at least 1m, like 6h or 1d"
+            ));
+        }
         for (i, rule) in parsed.retention.iter().enumerate() {
             let at = |what: String| format!("retention rule {}: {what}", i + 1);
             match sloth_policies::parse_duration(&rule.every) {
@@ -221,6 +237,8 @@ mod tests {
             "zstd_level = 99",
             "layout = \"no\"",
             "[[retention]]\npolicy = \"keep-last\"\nevery = \"10s\"",
+            "verify_every = \"30s\"",
+            "verify_every = \"daily\"",
             "[[retention]]\npolicy = \"keep-last\"\nevery = \"1h\"\nmax_share = 2.0",
             "[[retention]]\npolicy = \"keep-last\"\nevery = \"1h\"\nstak = \"x\"",
         ] {
