@@ -48,6 +48,7 @@ fn start_agent(data: &Path, log: &Path) -> (Child, String) {
     loop {
         line.clear();
         if stdout.read_line(&mut line).unwrap() == 0 {
+            let _ = child.wait();
             panic!("agent exited: {}", std::fs::read_to_string(log).unwrap());
         }
         if let Some(rest) = line.split("listening on ").nth(1) {
