@@ -35,6 +35,8 @@ impl Rng {
     }
 }
 
+// The child is handed to the caller, which kills and waits for it.
+#[allow(clippy::zombie_processes)]
 fn start_agent(data: &Path, log: &Path) -> (Child, String) {
     let mut child = sloth()
         .args(["--data-dir", data.to_str().unwrap()])
