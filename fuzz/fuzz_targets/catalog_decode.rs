@@ -1,5 +1,5 @@
-//! Catalog parsers of untrusted bytes: stored records and events, names, and the store's
-//! config file. None may panic; whatever parses must survive a round trip, and a record that
+//! Catalog parsers of untrusted bytes: stored records and events, names, durations, and the
+//! store's config file. None may panic; whatever parses must survive a round trip, and a record that
 //! parses has names that pass the naming rules (so it can never point outside the layout).
 #![no_main]
 
@@ -27,6 +27,12 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(Event::decode(&event.encode()).expect("re-decodes"), event);
     }
     if let Ok(text) = std::str::from_utf8(data) {
+        // Durations (`--older-than`, `every`, `artifact_retention`): a number and one unit.
+        if let Some(secs) = sloth_policies::parse_duration(text) {
+            assert!(secs >= 0, "{text:?} parsed to {secs}");
+            let digits = &text[..text.len() - 1];
+            assert!(digits.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+        }
         if let Ok(name) = Name::parse("artifact name", text) {
             let s = name.as_str();
             assert!(

@@ -434,7 +434,7 @@ impl Drop for PolicyHost {
 }
 
 /// Parses and checks an answer against the batch: one decision per artifact, no more.
-fn check_answer(answer: &[u8], batch: &[Artifact]) -> Result<Vec<Decision>, String> {
+pub fn check_answer(answer: &[u8], batch: &[Artifact]) -> Result<Vec<Decision>, String> {
     let output: sloth_policy_sdk::Output =
         serde_json::from_slice(answer).map_err(|e| format!("{e}"))?;
     let mut by_id: HashMap<&str, Decision> = HashMap::with_capacity(output.decisions.len());
