@@ -14,6 +14,8 @@ pub mod auth;
 pub mod client;
 mod convert;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod master;
 pub mod metrics;

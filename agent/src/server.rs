@@ -376,11 +376,14 @@ fn name_arg(what: &'static str, value: &str) -> Result<String, Status> {
         .map_err(|e| status(&e))
 }
 
-fn optional_name(what: &'static str, value: Option<String>) -> Result<Option<String>, Status> {
+pub(crate) fn optional_name(
+    what: &'static str,
+    value: Option<String>,
+) -> Result<Option<String>, Status> {
     value.map(|v| name_arg(what, &v)).transpose()
 }
 
-fn selector_arg(s: pb::Selector) -> Result<Selector, Status> {
+pub(crate) fn selector_arg(s: pb::Selector) -> Result<Selector, Status> {
     let s = convert::selector_from(s);
     name_arg("artifact name", &s.name)?;
     Ok(Selector {
@@ -392,7 +395,7 @@ fn selector_arg(s: pb::Selector) -> Result<Selector, Status> {
 
 /// A List/Events `limit` as the engine takes it: 0 (none given) and anything larger become
 /// [`MAX_LIST`].
-fn list_limit(limit: u32) -> usize {
+pub(crate) fn list_limit(limit: u32) -> usize {
     (if limit == 0 {
         MAX_LIST
     } else {

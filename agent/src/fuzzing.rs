@@ -1,0 +1,107 @@
+//! The entry point of the `wire` fuzz target: every message an agent or a client decodes from
+//! the network, decoded as prost decodes it and passed through the same checks the services
+//! and the client apply. Nothing here may panic, whatever the bytes.
+
+use prost::Message;
+use sloth_proto::{artifacts as pb, registry as reg, workflows as wf};
+
+use crate::convert;
+use crate::server::{list_limit, optional_name, selector_arg};
+
+/// Decodes `bytes` as message kind `kind` (taken modulo the number of kinds) and checks it.
+pub fn decode(kind: u8, bytes: &[u8]) {
+    match kind % 13 {
+        0 => {
+            if let Ok(s) = pb::Selector::decode(bytes) {
+                let _ = selector_arg(s);
+            }
+        }
+        1 => {
+            if let Ok(r) = pb::ListRequest::decode(bytes) {
+                let _ = optional_name("stack", r.stack);
+                let _ = optional_name("task", r.task);
+                let _ = list_limit(r.limit);
+            }
+        }
+        2 => {
+            if let Ok(r) = pb::EventsRequest::decode(bytes) {
+                let _ = list_limit(r.limit);
+            }
+        }
+        3 => {
+            if let Ok(pb::UploadRequest { step: Some(step) }) = pb::UploadRequest::decode(bytes) {
+                use pb::upload_request::Step;
+                match step {
+                    Step::Begin(b) => {
+                        let _ = sloth_engine::ArtifactKey::new(
+                            &b.name,
+                            b.stack.as_deref(),
+                            b.task.as_deref(),
+                        );
+                    }
+                    Step::Offer(o) => {
+                        for c in &o.chunks {
+                            let _ = convert::chunk_ref_from(c);
+                        }
+                    }
+                    Step::Frames(f) => {
+                        for frame in &f.frames {
+                            let _ = convert::chunk_id(&frame.id);
+                        }
+                    }
+                    Step::Commit(c) => {
+                        let _ = convert::digests(&c.sha256, &c.blake3);
+                    }
+                }
+            }
+        }
+        4 => {
+            if let Ok(r) = pb::GetChunksRequest::decode(bytes) {
+                for id in &r.ids {
+                    let _ = convert::chunk_id(id);
+                }
+            }
+        }
+        5 => {
+            if let Ok(r) = pb::CleanupRequest::decode(bytes) {
+                let _ = optional_name("stack", r.stack);
+            }
+        }
+        6 => {
+            if let Ok(r) = pb::VerifyRequest::decode(bytes) {
+                let _ = optional_name("stack", r.stack);
+            }
+        }
+        7 => {
+            if let Ok(r) = wf::RunRequest::decode(bytes) {
+                let _ = serde_json::from_str::<serde_json::Value>(&r.values_json);
+            }
+        }
+        // What a client decodes from an agent.
+        8 => {
+            if let Ok(h) = pb::DownloadHeader::decode(bytes) {
+                let _ = convert::header(h);
+            }
+        }
+        9 => {
+            if let Ok(e) = pb::Event::decode(bytes) {
+                let _ = convert::event_from(e);
+            }
+        }
+        10 => {
+            if let Ok(e) = wf::RunEvent::decode(bytes) {
+                let _ = crate::workflows::event_from_wire(e);
+            }
+        }
+        11 => {
+            if let Ok(r) = pb::VerifyResponse::decode(bytes) {
+                let _ = convert::verify_report_from(r);
+            }
+        }
+        _ => {
+            if let Ok(h) = reg::HeartbeatRequest::decode(bytes) {
+                let _ = optional_name("agent name", Some(h.name));
+            }
+        }
+    }
+}
