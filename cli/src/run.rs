@@ -56,9 +56,15 @@ pub(crate) async fn run(ctx: &Context, args: RunArgs) -> anyhow::Result<()> {
         if report.succeeded()
             && let Some(older_than) = &plan.config().artifact_retention
         {
-            let cleanup =
-                crate::cleanup::workflow_retention(&engine, &report.stack, older_than).await?;
-            print_lines(&[cleanup]);
+            // The workflow succeeded either way: a retention run that could not delete (the
+            // share cap, a policy failure) is a warning, and the next run tries again.
+            let line = match crate::cleanup::workflow_retention(&engine, &report.stack, older_than)
+                .await
+            {
+                Ok(line) => line,
+                Err(e) => format!("⚠ {e:#}"),
+            };
+            print_lines(&[line]);
         }
         report
     } else {

@@ -289,3 +289,21 @@ fn policies_can_be_inspected_and_tried_on_fixtures() {
     );
     assert!(!d.join("data").exists(), "no store was touched");
 }
+
+#[test]
+fn a_duration_ending_in_a_multibyte_character_is_an_error_not_a_crash() {
+    // Found by fuzzing `parse_duration`: `7д` split inside the `д` and panicked.
+    let dir = tempfile::tempdir().unwrap();
+    let err = fails(
+        dir.path(),
+        &[
+            "agent",
+            "artifacts",
+            "cleanup",
+            "local",
+            "--older-than",
+            "7д",
+        ],
+    );
+    assert!(err.contains("'7д' is not a duration"), "{err}");
+}

@@ -268,13 +268,15 @@ fn artifact_retention_applies_to_the_runs_stack_and_is_registered() {
         ],
     );
     assert!(up.status.success(), "{}", text(&up.stderr));
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // Old by 3 s; the run's own artifact is at most 2 s old when the rule runs (ages are whole
+    // seconds), so "2s" deletes exactly the old one unless the run itself takes over 2 s.
+    std::thread::sleep(std::time::Duration::from_millis(3100));
     let script = dir.path().join("keep.sloth");
     std::fs::write(
         &script,
         "local t = task(\"t\"):artifacts({\"new.txt\"}):command(function()\n\
            fs.write(\"new.txt\", \"fresh\")\n  return true\nend):build()\n\
-         workflow.define(\"w\"):tasks({t}):config({ artifact_retention = \"0d\" })\n",
+         workflow.define(\"w\"):tasks({t}):config({ artifact_retention = \"2s\" })\n",
     )
     .unwrap();
     let out = run(
@@ -291,7 +293,7 @@ fn artifact_retention_applies_to_the_runs_stack_and_is_registered() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("🧹 artifact_retention = 0d on stack s: deleted "),
+        stdout.contains("🧹 artifact_retention = 2s on stack s: deleted 1 artifact, "),
         "{stdout}"
     );
     let listed = text(&run(&data, &["agent", "artifacts", "list", "local"]).stdout);
@@ -309,7 +311,7 @@ fn artifact_retention_applies_to_the_runs_stack_and_is_registered() {
     );
     let events = text(&run(&data, &["events", "list", "--type", "artifact.cleanup"]).stdout);
     assert!(
-        events.contains("retention older-than(older_than=0d) on stack s"),
+        events.contains("retention older-than(older_than=2s) on stack s"),
         "{events}"
     );
 }

@@ -603,27 +603,12 @@ impl Engine {
     /// a client that fetched the content and verified it on its own). A record deleted
     /// meanwhile is not counted.
     pub async fn count_download(&self, record: &ArtifactRecord, principal: &str) -> Result<()> {
-        let key = record.key()?;
-        let now = now_secs();
         let _write = self.write.lock().await;
-        let result = (&self.artifacts, &self.events, &self.meta)
-            .transaction(|(artifacts, events, meta)| {
-                let Some(bytes) = artifacts.get(key.version_key(record.version))? else {
-                    // Deleted meanwhile: the bytes were delivered, there is nothing to count on.
-                    return Ok(None);
-                };
-                let mut current = ArtifactRecord::decode(&bytes).map_err(|e| {
-                    ConflictableTransactionError::Abort(sloth_cas::Error::Task(e.to_string()))
-                })?;
-                current.download_count += 1;
-                current.last_download_at = Some(now);
-                artifacts.insert(key.version_key(record.version), current.encode())?;
-                let event =
-                    self.event_tx(events, meta, "artifact.download", &current, principal, now)?;
-                Ok(Some((current, event)))
-            })
-            .map_err(tx_error)
-            .map_err(Error::from)?;
+        // Deleted meanwhile (`None`): the bytes were delivered, there is nothing to count on.
+        let result = self.amend(record, "artifact.download", principal, |current, now| {
+            current.download_count += 1;
+            current.last_download_at = Some(now);
+        })?;
         if let Some((current, event)) = result {
             let generation = self.generation()?;
             let projected = self
@@ -964,6 +949,35 @@ impl Engine {
             .collect())
     }
 
+    /// Changes one version's record and records a `kind` event about it, in one transaction;
+    /// `None` when the version is gone. The caller holds the write lock (and keeps it while it
+    /// updates the projections, so that they apply in commit order).
+    fn amend(
+        &self,
+        record: &ArtifactRecord,
+        kind: &str,
+        principal: &str,
+        change: impl Fn(&mut ArtifactRecord, i64),
+    ) -> Result<Option<(ArtifactRecord, Event)>> {
+        let key = record.key()?;
+        let now = now_secs();
+        (&self.artifacts, &self.events, &self.meta)
+            .transaction(|(artifacts, events, meta)| {
+                let Some(bytes) = artifacts.get(key.version_key(record.version))? else {
+                    return Ok(None);
+                };
+                let mut current = ArtifactRecord::decode(&bytes).map_err(|e| {
+                    ConflictableTransactionError::Abort(sloth_cas::Error::Task(e.to_string()))
+                })?;
+                change(&mut current, now);
+                artifacts.insert(key.version_key(record.version), current.encode())?;
+                let event = self.event_tx(events, meta, kind, &current, principal, now)?;
+                Ok(Some((current, event)))
+            })
+            .map_err(tx_error)
+            .map_err(Error::from)
+    }
+
     /// Marks a version damaged (see [`ArtifactRecord::damaged`]) or, with `None`, restored,
     /// recording an `artifact.damaged` / `artifact.restored` event. The caller rebuilds the
     /// projections afterwards.
@@ -978,25 +992,11 @@ impl Engine {
         } else {
             "artifact.restored"
         };
-        let key = record.key()?;
-        let now = now_secs();
         let _write = self.write.lock().await;
-        let result = (&self.artifacts, &self.events, &self.meta)
-            .transaction(|(artifacts, events, meta)| {
-                let Some(bytes) = artifacts.get(key.version_key(record.version))? else {
-                    return Ok(None);
-                };
-                let mut current = ArtifactRecord::decode(&bytes).map_err(|e| {
-                    ConflictableTransactionError::Abort(sloth_cas::Error::Task(e.to_string()))
-                })?;
-                current.damaged = reason.map(str::to_owned);
-                current.modified_at = now;
-                artifacts.insert(key.version_key(record.version), current.encode())?;
-                let event = self.event_tx(events, meta, kind, &current, principal, now)?;
-                Ok(Some(event))
-            })
-            .map_err(tx_error)
-            .map_err(Error::from)?;
+        let result = self.amend(record, kind, principal, |current, now| {
+            current.damaged = reason.map(str::to_owned);
+            current.modified_at = now;
+        })?;
         self.cas.flush().await?;
         if result.is_some() {
             tracing::warn!(

@@ -111,6 +111,11 @@ impl Input {
 /// `7d`, `30d`, `6h`, `45m`, `90s`, `0d` → seconds.
 pub fn parse_duration(text: &str) -> Option<i64> {
     let split = text.len().checked_sub(1)?;
+    // The unit is one ASCII letter; a multi-byte last character (found by fuzzing: `7д`) is
+    // no unit, and splitting inside it would panic.
+    if !text.is_char_boundary(split) {
+        return None;
+    }
     let (number, unit) = text.split_at(split);
     if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -301,4 +306,32 @@ macro_rules! policy {
             $crate::pack($crate::run(input, $evaluate))
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_are_a_number_and_one_unit() {
+        assert_eq!(parse_duration("7d"), Some(604_800));
+        assert_eq!(parse_duration("6h"), Some(21_600));
+        assert_eq!(parse_duration("45m"), Some(2_700));
+        assert_eq!(parse_duration("90s"), Some(90));
+        assert_eq!(parse_duration("0d"), Some(0));
+        // The last two came from the fuzzer: a multi-byte last character used to panic.
+        for bad in [
+            "",
+            "d",
+            "7",
+            "7w",
+            "-1d",
+            "1.5h",
+            "7д",
+            "д",
+            "99999999999999999999d",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
 }
