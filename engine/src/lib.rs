@@ -47,7 +47,7 @@ pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
 pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};
 pub use sloth_cas::IngestOptions;
-pub use verify::{BadChunkUse, VerifyReport};
+pub use verify::{BadChunkUse, VerifyReport, sha256_file};
 
 /// Decimal (SI) units: 1 KB = 1000 B, 1 MB = 1000 KB, as disk vendors and `ls --si` count.
 /// The spec prints `KB`, so that spelling stays even though SI writes `kB`.

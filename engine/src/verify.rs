@@ -249,7 +249,8 @@ fn short(hex: &str) -> String {
     format!("{}…", &hex[..hex.len().min(12)])
 }
 
-fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+/// `sha256:<hex>` of a file's content, as artifact checksums are written.
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     use sha2::Digest as _;
     use std::io::Read as _;
     let mut file = std::fs::File::open(path)?;

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use mlua::{HookTriggers, Lua, LuaSerdeExt, MultiValue, Value, VmState};
-use sha2::Digest;
 use sloth_engine::{ArtifactKey, ArtifactRecord, Name};
 
 use crate::dsl::{Command, Shared, TaskDef, TaskScope, WorkflowConfig, WorkflowDef};
@@ -666,7 +665,7 @@ impl<S: ArtifactStore> RunCtx<'_, S> {
             .map_err(|e| fail(sloth_engine::error_chain(&e)))?;
         if self.workflow.config.verify_checksums {
             let copy = target.clone();
-            let digest = tokio::task::spawn_blocking(move || sha256_file(&copy))
+            let digest = tokio::task::spawn_blocking(move || sloth_engine::sha256_file(&copy))
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)))
                 .map_err(|e| fail(format!("cannot read the copy back: {e}")))?;
@@ -957,20 +956,6 @@ fn declared_files(
         }
     }
     Ok(files)
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0; 1 << 20];
-    loop {
-        match file.read(&mut buf)? {
-            0 => break,
-            n => hasher.update(&buf[..n]),
-        }
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
 /// `<unix seconds>-<6 random hex digits>`: sorts by time, unique enough for a directory name.
