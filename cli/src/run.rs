@@ -42,9 +42,7 @@ pub(crate) async fn run(ctx: &Context, args: RunArgs) -> anyhow::Result<()> {
             },
         )?;
         let plan = script.plan(&args.workflow)?;
-        let Store::Local(engine) = agent::open(LOCAL, ctx).await? else {
-            unreachable!("'local' is the embedded store");
-        };
+        let engine = agent::open_local(&ctx.data_dir, None, LOCAL).await?;
         let options = RunOptions {
             stack: args.stack.clone(),
             work_root: ctx.data_dir.join("runs"),

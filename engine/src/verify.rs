@@ -84,42 +84,36 @@ impl Engine {
             ref_mismatches: scrub.ref_mismatches,
             ..VerifyReport::default()
         };
-        let mut by_manifest: HashMap<ManifestId, Vec<&ArtifactRecord>> = HashMap::new();
-        for record in &versions {
-            by_manifest.entry(record.manifest).or_default().push(record);
+        // The versions of each manifest, by their position in `versions`.
+        let mut by_manifest: HashMap<ManifestId, Vec<usize>> = HashMap::new();
+        for (i, record) in versions.iter().enumerate() {
+            by_manifest.entry(record.manifest).or_default().push(i);
         }
         // Why each version is damaged, by its position in `versions`.
         let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
-        let position = |r: &ArtifactRecord| {
-            versions
-                .iter()
-                .position(|v| v.id == r.id)
-                .expect("from versions")
-        };
         for bad in &scrub.bad_chunks {
-            let users: Vec<ArtifactRecord> = bad
+            let users: Vec<usize> = bad
                 .manifests
                 .iter()
-                .flat_map(|m| by_manifest.get(m).into_iter().flatten())
-                .map(|r| (*r).clone())
+                .flat_map(|m| by_manifest.get(m).into_iter().flatten().copied())
                 .collect();
-            for user in &users {
+            for &user in &users {
                 reasons
-                    .entry(position(user))
+                    .entry(user)
                     .or_insert_with(|| format!("chunk {} {}", short(&bad.id.to_hex()), bad.reason));
             }
             if stack.is_none() || !users.is_empty() {
                 report.bad_chunks.push(BadChunkUse {
                     chunk: bad.id.to_hex(),
                     reason: bad.reason.clone(),
-                    versions: users,
+                    versions: users.iter().map(|&i| versions[i].clone()).collect(),
                 });
             }
         }
         for (manifest, reason) in &scrub.bad_manifests {
-            for user in by_manifest.get(manifest).into_iter().flatten() {
+            for &user in by_manifest.get(manifest).into_iter().flatten() {
                 reasons
-                    .entry(position(user))
+                    .entry(user)
                     .or_insert_with(|| format!("manifest {} {reason}", short(&manifest.to_hex())));
             }
             report
@@ -140,7 +134,12 @@ impl Engine {
             .into_iter()
             .map(|(i, reason)| (versions[i].clone(), reason))
             .collect();
-        let (problems, bad_objects) = self.check_projections(stack).await?;
+        // metadata.db holds every version, not only the stack's.
+        let catalog_versions = match stack {
+            None => versions.len() as u64,
+            Some(_) => self.all_versions(None)?.len() as u64,
+        };
+        let (problems, bad_objects) = self.check_projections(stack, catalog_versions).await?;
         report.projection_problems = problems;
 
         if repair {
@@ -187,11 +186,11 @@ impl Engine {
     async fn check_projections(
         &self,
         stack: Option<&str>,
+        all: u64,
     ) -> Result<(Vec<String>, Vec<ArtifactRecord>)> {
         let mut problems = Vec::new();
         let mut bad_objects = Vec::new();
         let (generation, sqlite_generation, rows) = self.projection_figures()?;
-        let all = self.all_versions(None)?.len() as u64;
         if sqlite_generation != Some(generation) {
             problems.push(format!(
                 "metadata.db is at generation {}, the catalog at {generation}",
