@@ -145,6 +145,17 @@ impl Net {
         Server::start(self.dir.path(), &format!("{name}.log"), &args)
     }
 
+    /// An agent that requires tokens: each grant is (token, scopes, principal).
+    fn agent_with_tokens(&self, name: &str, grants: &[(&str, &str, &str)]) -> Server {
+        let tokens = self.path("tokens");
+        let lines: String = grants
+            .iter()
+            .map(|(token, scopes, principal)| token_line(token, scopes, principal))
+            .collect();
+        std::fs::write(&tokens, lines).unwrap();
+        self.agent(name, None, &["--tokens", tokens.to_str().unwrap()])
+    }
+
     fn cli(&self, args: &[&str], input: &str) -> Output {
         let mut child = sloth()
             .arg("--data-dir")
@@ -528,13 +539,13 @@ fn token_line(token: &str, scopes: &str, principal: &str) -> String {
 #[test]
 fn tokens_are_checked_with_scopes_and_recorded_as_principals() {
     let net = Net::new();
-    let tokens = net.path("tokens");
-    std::fs::write(
-        &tokens,
-        token_line("r3ader", "read", "dashboard") + &token_line("wr1ter", "read,write", "ci-bot"),
-    )
-    .unwrap();
-    let agent = net.agent("secure", None, &["--tokens", tokens.to_str().unwrap()]);
+    let agent = net.agent_with_tokens(
+        "secure",
+        &[
+            ("r3ader", "read", "dashboard"),
+            ("wr1ter", "read,write", "ci-bot"),
+        ],
+    );
     let a = agent.addr.as_str();
     net.write_random("app.bin", 10_000, 5);
 
@@ -927,13 +938,13 @@ fn workflows_run_on_agents_and_land_in_their_stores() {
 #[test]
 fn running_workflows_needs_the_run_scope() {
     let net = Net::new();
-    let tokens = net.path("tokens");
-    std::fs::write(
-        &tokens,
-        token_line("wr1ter", "read,write", "ci-bot") + &token_line("runn3r", "read,run", "builder"),
-    )
-    .unwrap();
-    let agent = net.agent("secure", None, &["--tokens", tokens.to_str().unwrap()]);
+    let agent = net.agent_with_tokens(
+        "secure",
+        &[
+            ("wr1ter", "read,write", "ci-bot"),
+            ("runn3r", "read,run", "builder"),
+        ],
+    );
     let a = agent.addr.as_str();
     let ci = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ci_pipeline.sloth");
     let ci = ci.to_str().unwrap();
@@ -980,13 +991,13 @@ fn running_workflows_needs_the_run_scope() {
 #[test]
 fn verify_and_repair_work_on_remote_agents_for_admins() {
     let net = Net::new();
-    let tokens = net.path("tokens");
-    std::fs::write(
-        &tokens,
-        token_line("r3ader", "read,write", "dashboard") + &token_line("4dmin", "admin", "ops"),
-    )
-    .unwrap();
-    let agent = net.agent("store", None, &["--tokens", tokens.to_str().unwrap()]);
+    let agent = net.agent_with_tokens(
+        "store",
+        &[
+            ("r3ader", "read,write", "dashboard"),
+            ("4dmin", "admin", "ops"),
+        ],
+    );
     let a = agent.addr.as_str();
     net.write_random("good.bin", 500_000, 1);
     net.write_random("bad.bin", 500_000, 2);
