@@ -60,7 +60,7 @@ impl Engine {
         principal: &str,
     ) -> Result<CleanupReport> {
         let records = self.all_versions(request.stack.as_deref())?;
-        let batch: Vec<Artifact> = records.iter().map(policy_view).collect();
+        let batch: Vec<Artifact> = crate::engine::parallel_map(&records, policy_view);
         let evaluated = batch.len();
         let host = Arc::clone(host);
         let (policy, params, now) = (request.policy.clone(), request.params.clone(), request.now);

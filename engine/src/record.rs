@@ -43,16 +43,47 @@ impl fmt::Display for ArtifactId {
 }
 
 mod hex_u128 {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{v:032x}"))
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
-        let text = String::deserialize(d)?;
-        u128::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
+        super::parse_str(d, "32 hex digits", |text| {
+            if text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                u128::from_str_radix(text, 16).map_err(|e| e.to_string())
+            } else {
+                Err(format!("an artifact id is 32 hex digits, not '{text}'"))
+            }
+        })
     }
+}
+
+/// Deserializes a string field through `parse` without allocating a `String` for it (records
+/// are decoded by the hundred thousand when a policy reads the catalog).
+fn parse_str<'de, D, T, E>(
+    d: D,
+    expecting: &'static str,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    E: std::fmt::Display,
+{
+    struct Visitor<F>(&'static str, F);
+    impl<T, E: std::fmt::Display, F: FnOnce(&str) -> Result<T, E>> serde::de::Visitor<'_>
+        for Visitor<F>
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<Er: serde::de::Error>(self, text: &str) -> Result<T, Er> {
+            (self.1)(text).map_err(Er::custom)
+        }
+    }
+    d.deserialize_str(Visitor(expecting, parse))
 }
 
 /// One version of an artifact: the spec's fields plus version, manifest and stored bytes.
@@ -118,7 +149,7 @@ impl ArtifactRecord {
 }
 
 mod manifest_hex {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
     use sloth_cas::ManifestId;
 
     pub(super) fn serialize<S: Serializer>(v: &ManifestId, s: S) -> Result<S::Ok, S::Error> {
@@ -126,9 +157,7 @@ mod manifest_hex {
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ManifestId, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        super::parse_str(d, "a manifest id", str::parse::<ManifestId>)
     }
 }
 
@@ -240,5 +269,17 @@ mod tests {
             .unwrap()
             .replace("app.bin", "../../etc/passwd");
         assert!(ArtifactRecord::decode(evil.as_bytes()).is_err());
+        let text = String::from_utf8(rec.encode()).unwrap();
+        let (id, manifest) = (rec.id.to_string(), rec.manifest.to_hex());
+        for (from, to) in [
+            (id.as_str(), "not hex"),
+            (id.as_str(), "00"),
+            (manifest.as_str(), "zz"),
+            (manifest.as_str(), &manifest[..62]),
+        ] {
+            let bad = text.replacen(from, to, 1);
+            let err = ArtifactRecord::decode(bad.as_bytes()).unwrap_err();
+            assert!(matches!(err, Error::CorruptRecord(_)), "{to}: {err}");
+        }
     }
 }
