@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use sloth_cas::{ChunkId, ChunkRef, Chunker, ChunkerParams, ContentDigests, ContentHasher, frame};
-use sloth_engine::{ArtifactKey, ArtifactRecord, Event, ListQuery, Selector};
+use sloth_cas::{
+    ChunkId, ChunkRef, Chunker, ChunkerParams, ContentDigests, ContentHasher, ContentSink, frame,
+};
+use sloth_engine::{ArtifactKey, ArtifactRecord, Event, ListQuery, Selector, SyncBehind};
 use sloth_proto::artifacts::{
     self as pb, agent_client::AgentClient, artifacts_client::ArtifactsClient,
 };
@@ -680,22 +682,9 @@ impl Remote {
         let file = tmp.as_file().try_clone().map_err(output)?;
 
         // Frames are checked against the expected chunk, decoded and verified on the blocking
-        // pool (several at once, results in order), then written and hashed on a writer thread.
-        let (chunks_tx, mut chunks_rx) = mpsc::channel::<Bytes>(32);
-        let writer = tokio::task::spawn_blocking(move || {
-            use std::io::Write as _;
-            let mut file = file;
-            let mut hasher = ContentHasher::default();
-            while let Some(chunk) = chunks_rx.blocking_recv() {
-                hasher.update(&chunk);
-                file.write_all(&chunk)?;
-                if let Some(progress) = &progress {
-                    progress(chunk.len() as u64);
-                }
-            }
-            file.sync_all()?;
-            Ok::<_, std::io::Error>((hasher.len(), hasher.finish()))
-        });
+        // pool (several at once, results in order), then written (syncing behind) and hashed
+        // side by side.
+        let sink = ContentSink::spawn(SyncBehind::new(file), 32);
         let received = std::sync::atomic::AtomicU64::new(0);
         let expected = std::sync::Mutex::new(refs.into_iter());
         let frames = futures::stream::unfold(stream, |mut stream| async move {
@@ -746,8 +735,12 @@ impl Remote {
         while let Some(chunk) = frames.next().await {
             match chunk {
                 Ok(chunk) => {
-                    if chunks_tx.send(chunk).await.is_err() {
+                    let len = chunk.len() as u64;
+                    if !sink.send(chunk).await {
                         break; // the writer failed and says why
+                    }
+                    if let Some(progress) = &progress {
+                        progress(len);
                     }
                 }
                 Err(e) => {
@@ -757,14 +750,12 @@ impl Remote {
             }
         }
         drop(frames);
-        drop(chunks_tx);
-        let written = writer
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        let written = sink.finish().await;
         if let Some(e) = failed {
             return Err(e);
         }
-        let (len, got) = written.map_err(output)?;
+        let (file, hasher) = written.map_err(output)?;
+        let (len, got) = (hasher.len(), hasher.finish());
         if len != length {
             return Err(Error::Protocol(format!(
                 "the download ended after {len} of {} bytes",
@@ -781,6 +772,10 @@ impl Remote {
                 },
             }));
         }
+        tokio::task::spawn_blocking(move || file.finish())
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?
+            .map_err(output)?;
         std::fs::set_permissions(
             tmp.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o644),

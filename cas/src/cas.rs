@@ -16,6 +16,7 @@ use crate::chunker::Chunker;
 use crate::manifest::{ChunkRef, ContentHasher};
 use crate::pack::PackStore;
 use crate::pool::CpuPool;
+use crate::sink::ContentSink;
 use crate::store::ChunkStore;
 use crate::{ChunkId, ChunkerParams, Error, Manifest, ManifestId, Result, frame};
 
@@ -30,16 +31,23 @@ const MANIFEST_REFS_TREE: &str = "manifest_refs";
 const CHUNK_REFS_TREE: &str = "chunk_refs";
 
 /// Options for one ingest.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct IngestOptions {
     /// Compress new chunks with zstd at the store's level (default). Off stores them raw, for
     /// content known not to compress; chunks the store already has keep their stored form.
     pub compress: bool,
+    /// Set to `true` as soon as the ingest stores a chunk the store lacked: from then on the
+    /// content is certainly new to the store (a copy of it being written elsewhere is worth
+    /// making durable early).
+    pub stored_new: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for IngestOptions {
     fn default() -> Self {
-        Self { compress: true }
+        Self {
+            compress: true,
+            stored_new: None,
+        }
     }
 }
 
@@ -444,7 +452,14 @@ impl<S: ChunkStore> Cas<S> {
         });
         let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let stored: Result<Vec<_>> = chunks
-            .map(|chunk| store_chunk(Arc::clone(&self.inner), chunk, level))
+            .map(|chunk| {
+                store_chunk(
+                    Arc::clone(&self.inner),
+                    chunk,
+                    level,
+                    options.stored_new.clone(),
+                )
+            })
             .buffered(self.inner.config.concurrency)
             .try_collect()
             .await;
@@ -606,29 +621,21 @@ impl<S: ChunkStore> Cas<S> {
         self.write_verified(&manifest, out).await
     }
 
-    /// Writes the content `manifest` describes to `out` on a blocking thread, verifying each
-    /// chunk and then the whole content against the manifest's length and digests.
+    /// Writes the content `manifest` describes to `out`, verifying each chunk and then the
+    /// whole content against the manifest's length and digests (computed beside the writing,
+    /// see [`ContentSink`]).
     pub(crate) async fn write_verified<W: std::io::Write + Send + 'static>(
         &self,
         manifest: &Manifest,
-        mut out: W,
+        out: W,
     ) -> Result<(u64, W)> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.inner.config.concurrency);
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut hasher = ContentHasher::default();
-            while let Some(chunk) = rx.blocking_recv() {
-                hasher.update(&chunk);
-                out.write_all(&chunk).map_err(Error::Output)?;
-            }
-            out.flush().map_err(Error::Output)?;
-            Ok::<_, Error>((hasher, out))
-        });
+        let sink = ContentSink::spawn(out, self.inner.config.concurrency);
         let mut chunks = std::pin::pin!(self.read_chunks(manifest));
         let mut failed = None;
         while let Some(chunk) = chunks.next().await {
             match chunk {
                 Ok(chunk) => {
-                    if tx.send(chunk).await.is_err() {
+                    if !sink.send(chunk).await {
                         break; // the writer failed; it says why below
                     }
                 }
@@ -638,12 +645,11 @@ impl<S: ChunkStore> Cas<S> {
                 }
             }
         }
-        drop(tx);
-        let written = writer.await?;
+        let finished = sink.finish().await;
         if let Some(e) = failed {
             return Err(e);
         }
-        let (hasher, out) = written?;
+        let (out, hasher) = finished.map_err(Error::Output)?;
         Ok((verify_whole(manifest.id(), manifest, hasher)?, out))
     }
 
@@ -996,6 +1002,7 @@ async fn store_chunk<S: ChunkStore>(
     inner: Arc<Inner<S>>,
     chunk: Bytes,
     level: Option<i32>,
+    stored_new: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<(ChunkRef, Lease, Option<u64>)> {
     let (id, chunk) = inner
         .cpu
@@ -1018,6 +1025,9 @@ async fn store_chunk<S: ChunkStore>(
         .await?;
     let frame_len = frame.len() as u64;
     inner.chunks.put_many(vec![(id, frame)]).await?;
+    if let Some(flag) = stored_new {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok((chunk_ref, lease, Some(frame_len)))
 }
 

@@ -80,6 +80,7 @@ mod manifest;
 mod pack;
 mod pool;
 mod receive;
+mod sink;
 mod store;
 
 pub use cas::{
@@ -92,4 +93,5 @@ pub use id::{ChunkId, ManifestId, ParseIdError};
 pub use manifest::{ChunkRef, ContentDigests, ContentHasher, Manifest};
 pub use pack::PackStore;
 pub use receive::{MAX_RECEIVED_CHUNKS, Received, Receiver};
+pub use sink::ContentSink;
 pub use store::{ChunkStore, MemoryChunkStore, StoredChunk};

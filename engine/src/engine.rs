@@ -2,6 +2,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
@@ -14,6 +16,7 @@ use crate::error::at;
 use crate::layout::Layout;
 use crate::record::{Event, now_secs};
 use crate::sqlite::SqliteProjection;
+use crate::sync_behind::SyncBehind;
 use crate::{ArtifactId, ArtifactKey, ArtifactRecord, Error, Result, RetentionRule, glob_match};
 
 const ARTIFACTS_TREE: &str = "artifacts";
@@ -218,9 +221,19 @@ impl Engine {
     ) -> Result<ArtifactRecord> {
         let staged = match copy {
             Some((path, file)) => {
+                // The copy starts going to disk while the ingest runs once the ingest has met
+                // a new chunk (then the layout cannot have this content, and the copy stays).
+                let stored_new = Arc::new(AtomicBool::new(false));
                 let tee = Tee {
                     inner: reader,
-                    copy: file.try_clone().map_err(at(path))?,
+                    copy: SyncBehind::armed_by(
+                        file.try_clone().map_err(at(path))?,
+                        Arc::clone(&stored_new),
+                    ),
+                };
+                let options = IngestOptions {
+                    stored_new: Some(stored_new),
+                    ..options
                 };
                 let staged = self.cas.ingest_reader_with(tee, options).await?;
                 self.sync_copy_unless_known(path, file, staged.manifest().id())?;
@@ -565,9 +578,12 @@ impl Engine {
             .map_err(out_err)?;
         let file = tmp.as_file().try_clone().map_err(out_err)?;
         // Chunks arrive in pieces of hundreds of KiB: no buffering needed in front of the file.
-        let written = self.cas.read_to_writer(record.manifest, file).await;
+        let written = self
+            .cas
+            .read_to_writer(record.manifest, SyncBehind::new(file))
+            .await;
         let synced = match written {
-            Ok((_, file)) => tokio::task::spawn_blocking(move || file.sync_all())
+            Ok((_, file)) => tokio::task::spawn_blocking(move || file.finish().map(drop))
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e))),
             Err(e) => {
@@ -1159,7 +1175,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Copies everything read through it into a file.
 struct Tee<R> {
     inner: R,
-    copy: std::fs::File,
+    copy: SyncBehind,
 }
 
 impl<R: std::io::Read> std::io::Read for Tee<R> {

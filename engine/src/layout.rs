@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sloth_cas::{Cas, ManifestId};
 
 use crate::error::at;
+use crate::sync_behind::SyncBehind;
 use crate::{ArtifactKey, ArtifactRecord, Error, Result};
 
 #[derive(Debug)]
@@ -116,7 +117,10 @@ impl Layout {
         std::fs::create_dir_all(&dir).map_err(at(&dir))?;
         let tmp = dir.join(format!(".{hex}.tmp-{}", std::process::id()));
         let file = std::fs::File::create(&tmp).map_err(at(&tmp))?;
-        let file = match cas.read_to_writer(record.manifest, file).await {
+        let file = match cas
+            .read_to_writer(record.manifest, SyncBehind::new(file))
+            .await
+        {
             Ok((_, file)) => file,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -127,8 +131,7 @@ impl Layout {
                 });
             }
         };
-        file.sync_all().map_err(at(&tmp))?;
-        drop(file);
+        drop(file.finish().map_err(at(&tmp))?);
         // Read-only: every link shares this inode, so a write through one would change all.
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(at(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(at(&tmp))?;

@@ -35,6 +35,7 @@ mod layout;
 mod name;
 mod record;
 mod sqlite;
+mod sync_behind;
 mod verify;
 
 pub use cleanup::{CleanupReport, CleanupRequest, Doomed};
@@ -47,6 +48,7 @@ pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
 pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};
 pub use sloth_cas::IngestOptions;
+pub use sync_behind::SyncBehind;
 pub use verify::{BadChunkUse, VerifyReport, sha256_file};
 
 /// Decimal (SI) units: 1 KB = 1000 B, 1 MB = 1000 KB, as disk vendors and `ls --si` count.

@@ -41,8 +41,16 @@ impl ArtifactStore for Engine {
         principal: &str,
     ) -> sloth_engine::Result<ArtifactRecord> {
         let file = sloth_engine::open_upload(path)?;
-        self.upload_with(key, file, principal, IngestOptions { compress })
-            .await
+        self.upload_with(
+            key,
+            file,
+            principal,
+            IngestOptions {
+                compress,
+                ..IngestOptions::default()
+            },
+        )
+        .await
     }
 
     fn newest_in_stack(

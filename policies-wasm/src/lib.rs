@@ -484,7 +484,11 @@ pub fn check_answer(answer: &[u8], batch: &[Artifact]) -> Result<Vec<Decision>, 
         serde_json::from_slice(answer).map_err(|e| format!("{e}"))?;
     // The usual answer decides in the batch's order: checked by position, without maps.
     if output.decisions.len() == batch.len()
-        && output.decisions.iter().zip(batch).all(|(d, a)| d.id == a.id)
+        && output
+            .decisions
+            .iter()
+            .zip(batch)
+            .all(|(d, a)| d.id == a.id)
     {
         return Ok(output.decisions);
     }
@@ -572,7 +576,10 @@ mod tests {
         assert_eq!(decided[0].id, "x", "returned in the batch's order");
         let in_order = br#"{"decisions":[{"id":"x","action":"delete","reason":"old"},{"id":"y","action":"keep","reason":""}]}"#;
         let decided = check_answer(in_order, &batch).unwrap();
-        assert_eq!((decided[0].id.as_str(), decided[0].action), ("x", Action::Delete));
+        assert_eq!(
+            (decided[0].id.as_str(), decided[0].action),
+            ("x", Action::Delete)
+        );
         for (bad, says) in [
             (&br#"{"decisions":[{"id":"x","action":"keep","reason":""}]}"#[..], "no decision for 'y'"),
             (br#"{"decisions":[{"id":"x","action":"keep","reason":""},{"id":"x","action":"keep","reason":""},{"id":"y","action":"keep","reason":""}]}"#, "twice"),
