@@ -250,7 +250,10 @@ impl Engine {
         let (writer, copy): (Box<dyn std::io::Write + Send>, _) =
             match self.layout.as_ref().map(|l| l.staging_file()).transpose()? {
                 Some((path, file)) => {
-                    let writer = file.try_clone().map_err(at(&path))?;
+                    // Only chunks the store lacks are sent, and content the store already has
+                    // whole is never written into the copy: what is written here is kept, so
+                    // it goes to disk while the transfer runs.
+                    let writer = SyncBehind::new(file.try_clone().map_err(at(&path))?);
                     (Box::new(writer), Some((path, file)))
                 }
                 None => (Box::new(std::io::sink()), None),
