@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use sloth_proto::registry::{self as reg, registry_server};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -41,7 +42,11 @@ pub async fn serve(
     builder(config.tls.as_ref())?
         .layer(AuthLayer::new(config.tokens))
         .add_service(registry)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(bound.into_listener()), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(bound.into_listener())
+                .map(|conn| conn.and_then(crate::server::no_delay)),
+            shutdown,
+        )
         .await
         .map_err(|e| Error::Remote(format!("master failed: {}", chain(&e))))
 }

@@ -134,6 +134,14 @@ pub(crate) fn builder(tls: Option<&ServerTls>) -> Result<Server<tower::layer::ut
     Ok(server)
 }
 
+/// Turns Nagle's algorithm off on an accepted connection. tonic does it only for listeners it
+/// binds itself, not for `serve_with_incoming`: without it, a response written in two pieces
+/// waited for the client's delayed ACK, and a `show` took 48 ms instead of 6.
+pub(crate) fn no_delay(tcp: tokio::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// HTTP/2 flow-control window: the 64 KiB default caps a stream far below disk speed.
 pub(crate) const WINDOW: u32 = 8 << 20;
 
@@ -227,8 +235,10 @@ pub async fn serve(
         ))
     });
     let counted = Arc::clone(&metrics);
-    let incoming = TcpListenerStream::new(bound.listener)
-        .map(move |conn| conn.map(|tcp| CountingIo::new(tcp, Arc::clone(&counted))));
+    let incoming = TcpListenerStream::new(bound.listener).map(move |conn| {
+        conn.and_then(no_delay)
+            .map(|tcp| CountingIo::new(tcp, Arc::clone(&counted)))
+    });
     let server = builder(config.tls.as_ref())?
         .layer(AuthLayer::new(config.tokens.clone()))
         .add_service(artifacts)
