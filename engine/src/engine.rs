@@ -416,11 +416,16 @@ impl Engine {
             if query.limit.is_some_and(|l| out.len() >= l) {
                 break;
             }
-            let (_, version_key) = item?;
+            let (time_key, version_key) = item?;
             let Some(bytes) = self.artifacts.get(&version_key)? else {
-                return Err(Error::CorruptRecord(
-                    "time index points at a missing record".into(),
-                ));
+                // The iterator may still show an entry that a delete (one transaction with
+                // the record) removed meanwhile: only an entry that is still there is damage.
+                if index.contains_key(&time_key)? {
+                    return Err(Error::CorruptRecord(
+                        "time index points at a missing record".into(),
+                    ));
+                }
+                continue;
             };
             let record = ArtifactRecord::decode(&bytes)?;
             if query.stack.as_ref().is_some_and(|s| *s != record.stack)

@@ -241,3 +241,34 @@ async fn damage_is_found_never_served_and_reported_exactly() {
 fn index_of(originals: &[(ArtifactRecord, Vec<u8>)], r: &ArtifactRecord) -> usize {
     originals.iter().position(|(o, _)| o.id == r.id).unwrap()
 }
+
+/// A time-index entry whose record is gone (and stays gone) is damage, and `list` says so.
+#[tokio::test]
+async fn a_dangling_time_index_entry_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || EngineConfig {
+        layout: false,
+        ..EngineConfig::default()
+    };
+    let key = ArtifactKey::new("app.bin", Some("prod"), Some("build")).unwrap();
+    {
+        let engine = Engine::open(dir.path(), config()).await.unwrap();
+        engine
+            .upload(&key, std::io::Cursor::new(random(1, 1000)), "t")
+            .await
+            .unwrap();
+    }
+    {
+        let db = sled::open(dir.path().join("store/index")).unwrap();
+        let records = db.open_tree("artifacts").unwrap();
+        let (record_key, _) = records.first().unwrap().unwrap();
+        records.remove(record_key).unwrap();
+        db.flush().unwrap();
+    }
+    let engine = Engine::open(dir.path(), config()).await.unwrap();
+    let err = engine
+        .list(&sloth_engine::ListQuery::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::CorruptRecord(_)), "{err}");
+    assert!(err.to_string().contains("time index"), "{err}");
+}
