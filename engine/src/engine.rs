@@ -1242,9 +1242,10 @@ fn check_writable(dir: &Path) -> Result<()> {
 
 /// `items.iter().map(f).collect()`, on up to four threads when there are many items.
 pub(crate) fn parallel_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
-    const ALONE: usize = 8_192;
+    /// Fewer items are mapped on the calling thread.
+    const SPLIT_FROM: usize = 16_384;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    if items.len() < 2 * ALONE || threads == 1 {
+    if items.len() < SPLIT_FROM || threads == 1 {
         return items.iter().map(f).collect();
     }
     let f = &f;

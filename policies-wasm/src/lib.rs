@@ -436,7 +436,8 @@ fn encode_input(
     params: &BTreeMap<String, String>,
     artifacts: &[Artifact],
 ) -> serde_json::Result<Vec<u8>> {
-    const PART: usize = 16_384;
+    /// Smaller batches are serialized on the calling thread.
+    const SPLIT_FROM: usize = 32_768;
     let encode_part = |part: &[Artifact]| -> serde_json::Result<Vec<u8>> {
         // ~300 bytes per artifact with a SHA-256 checksum; sized once instead of doubling.
         let mut out = Vec::with_capacity(part.len() * 320);
@@ -449,7 +450,7 @@ fn encode_input(
         Ok(out)
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let parts: Vec<Vec<u8>> = if artifacts.len() < 2 * PART || threads == 1 {
+    let parts: Vec<Vec<u8>> = if artifacts.len() < SPLIT_FROM || threads == 1 {
         vec![encode_part(artifacts)?]
     } else {
         let size = artifacts.len().div_ceil(threads);
@@ -460,7 +461,7 @@ fn encode_input(
                 .collect();
             workers
                 .into_iter()
-                .map(|w| w.join().expect("serializing JSON does not panic"))
+                .map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
                 .collect::<serde_json::Result<Vec<_>>>()
         })?
     };
