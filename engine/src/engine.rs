@@ -944,16 +944,21 @@ impl Engine {
         ))
     }
 
-    /// Rebuilds `metadata.db` and the layout from the catalog, whatever their state.
-    pub(crate) async fn rebuild_projections(&self) -> Result<()> {
-        let _write = self.write.lock().await;
-        let generation = self.generation()?;
+    /// Rewrites `metadata.db` from every version and event of the catalog.
+    fn rebuild_sqlite(&self, generation: u64) -> Result<()> {
         let all = self.list(&ListQuery {
             all_versions: true,
             ..ListQuery::default()
         })?;
         let events = self.events(None, None)?;
-        self.sqlite.rebuild(&all, &events, generation)?;
+        self.sqlite.rebuild(&all, &events, generation)
+    }
+
+    /// Rebuilds `metadata.db` and the layout from the catalog, whatever their state.
+    pub(crate) async fn rebuild_projections(&self) -> Result<()> {
+        let _write = self.write.lock().await;
+        let generation = self.generation()?;
+        self.rebuild_sqlite(generation)?;
         if let Some(layout) = &self.layout {
             layout
                 .rebuild(&self.cas, &self.shown_in_layout()?, generation)
@@ -1072,12 +1077,7 @@ impl Engine {
             || self.sqlite.layout_flag()? != Some(self.layout.is_some())
         {
             tracing::info!("rebuilding metadata.db at generation {generation}");
-            let all = self.list(&ListQuery {
-                all_versions: true,
-                ..ListQuery::default()
-            })?;
-            let events = self.events(None, None)?;
-            self.sqlite.rebuild(&all, &events, generation)?;
+            self.rebuild_sqlite(generation)?;
         }
         if let Some(layout) = &self.layout
             && layout.generation()? != Some(generation)
