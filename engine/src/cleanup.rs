@@ -59,8 +59,15 @@ impl Engine {
         request: CleanupRequest,
         principal: &str,
     ) -> Result<CleanupReport> {
-        let records = self.all_versions(request.stack.as_deref())?;
-        let batch: Vec<Artifact> = crate::engine::parallel_map(&records, policy_view);
+        let stored = self.stored_versions(request.stack.as_deref())?;
+        // The policy's view is read straight from the stored JSON (a record has every field of
+        // an `Artifact`, by the same names); whole records, checked, are decoded only for the
+        // versions the policy chooses to delete.
+        let batch: Vec<Artifact> = crate::engine::parallel_map(&stored, |v| {
+            serde_json::from_slice(v).map_err(|e| Error::CorruptRecord(e.to_string()))
+        })
+        .into_iter()
+        .collect::<Result<_>>()?;
         let evaluated = batch.len();
         let host = Arc::clone(host);
         let (policy, params, now) = (request.policy.clone(), request.params.clone(), request.now);
@@ -68,15 +75,17 @@ impl Engine {
             tokio::task::spawn_blocking(move || host.evaluate(&policy, now, &params, &batch))
                 .await
                 .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        let doomed: Vec<Doomed> = records
-            .into_iter()
+        let doomed: Vec<Doomed> = stored
+            .iter()
             .zip(decisions)
             .filter(|(_, d)| d.action == Action::Delete)
-            .map(|(record, d)| Doomed {
-                record,
-                reason: d.reason,
+            .map(|(stored, d)| {
+                Ok(Doomed {
+                    record: ArtifactRecord::decode(stored)?,
+                    reason: d.reason,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut report = CleanupReport {
             evaluated,
             ..CleanupReport::default()
@@ -123,19 +132,48 @@ impl Engine {
     }
 }
 
-/// A record as a policy sees it.
-fn policy_view(r: &ArtifactRecord) -> Artifact {
-    Artifact {
-        id: r.id.to_string(),
-        name: r.name.clone(),
-        stack: r.stack.clone(),
-        task: r.task.clone(),
-        version: r.version,
-        size: r.size,
-        created_at: r.created_at,
-        modified_at: r.modified_at,
-        download_count: r.download_count,
-        last_download_at: r.last_download_at,
-        checksum: r.checksum.clone(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ArtifactId, ArtifactKey};
+
+    /// Cleanup reads a policy's view straight from a stored record: it must be exactly the
+    /// record's fields.
+    #[test]
+    fn a_stored_record_reads_as_the_policy_view_of_it() {
+        let key = ArtifactKey::new("app.bin", Some("prod"), Some("build")).unwrap();
+        let record = ArtifactRecord {
+            id: ArtifactId::generate(&key, 3),
+            name: "app.bin".into(),
+            stack: "prod".into(),
+            task: "build".into(),
+            version: 3,
+            size: 12_345,
+            checksum: format!("sha256:{}", "ab".repeat(32)),
+            manifest: sloth_cas::ManifestId::digest(b"m"),
+            stored_bytes: 99,
+            created_at: 1_700_000_000,
+            modified_at: 1_700_000_100,
+            download_count: 7,
+            last_download_at: Some(1_700_000_200),
+            damaged: Some("chunk lost".into()),
+        };
+        let view: Artifact = serde_json::from_slice(&record.encode()).unwrap();
+        assert_eq!(
+            view,
+            Artifact {
+                id: record.id.to_string(),
+                name: record.name.clone(),
+                stack: record.stack.clone(),
+                task: record.task.clone(),
+                version: record.version,
+                size: record.size,
+                created_at: record.created_at,
+                modified_at: record.modified_at,
+                download_count: record.download_count,
+                last_download_at: record.last_download_at,
+                checksum: record.checksum.clone(),
+            }
+        );
     }
 }

@@ -442,19 +442,24 @@ impl Engine {
     /// Every version (of `stack`, or all), in catalog key order (stack, task, name, version):
     /// one sequential scan of the records, for whole-catalog work like cleanup.
     pub fn all_versions(&self, stack: Option<&str>) -> Result<Vec<ArtifactRecord>> {
+        // Reading the values is quick; decoding 100,000 JSON records is not, so that part runs
+        // on every core.
+        parallel_map(&self.stored_versions(stack)?, |v| ArtifactRecord::decode(v))
+            .into_iter()
+            .collect()
+    }
+
+    /// The stored (JSON) records of every version of `stack` (or all), undecoded, in catalog
+    /// key order.
+    pub(crate) fn stored_versions(&self, stack: Option<&str>) -> Result<Vec<sled::IVec>> {
         let prefix = stack
             .map(|s| [s.as_bytes(), &[0]].concat())
             .unwrap_or_default();
-        // Reading the values is quick; decoding 100,000 JSON records is not, so that part runs
-        // on every core.
-        let raw: Vec<sled::IVec> = self
+        Ok(self
             .artifacts
             .scan_prefix(prefix)
             .values()
-            .collect::<std::result::Result<_, _>>()?;
-        parallel_map(&raw, |v| ArtifactRecord::decode(v))
-            .into_iter()
-            .collect()
+            .collect::<std::result::Result<_, _>>()?)
     }
 
     /// Builds the time indexes from the records when they were never built (a catalog from
