@@ -135,29 +135,12 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ArtifactId, ArtifactKey};
 
     /// Cleanup reads a policy's view straight from a stored record: it must be exactly the
     /// record's fields.
     #[test]
     fn a_stored_record_reads_as_the_policy_view_of_it() {
-        let key = ArtifactKey::new("app.bin", Some("prod"), Some("build")).unwrap();
-        let record = ArtifactRecord {
-            id: ArtifactId::generate(&key, 3),
-            name: "app.bin".into(),
-            stack: "prod".into(),
-            task: "build".into(),
-            version: 3,
-            size: 12_345,
-            checksum: format!("sha256:{}", "ab".repeat(32)),
-            manifest: sloth_cas::ManifestId::digest(b"m"),
-            stored_bytes: 99,
-            created_at: 1_700_000_000,
-            modified_at: 1_700_000_100,
-            download_count: 7,
-            last_download_at: Some(1_700_000_200),
-            damaged: Some("chunk lost".into()),
-        };
+        let record = ArtifactRecord::sample();
         let view: Artifact = serde_json::from_slice(&record.encode()).unwrap();
         assert_eq!(
             view,

@@ -232,6 +232,31 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 }
 
 #[cfg(test)]
+impl ArtifactRecord {
+    /// A record with every field set (none left at a default), for tests.
+    pub(crate) fn sample() -> Self {
+        let key =
+            ArtifactKey::new("app.bin", Some("production"), Some("build")).expect("valid names");
+        Self {
+            id: ArtifactId::generate(&key, 3),
+            name: "app.bin".into(),
+            stack: "production".into(),
+            task: "build".into(),
+            version: 3,
+            size: 12_345,
+            checksum: format!("sha256:{}", "ab".repeat(32)),
+            manifest: ManifestId::digest(b"m"),
+            stored_bytes: 99,
+            created_at: 1_700_000_000,
+            modified_at: 1_700_000_100,
+            download_count: 7,
+            last_download_at: Some(1_700_000_200),
+            damaged: Some("chunk lost".into()),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -247,23 +272,7 @@ mod tests {
 
     #[test]
     fn record_round_trip_and_tamper_check() {
-        let key = ArtifactKey::new("app.bin", Some("production"), Some("build")).unwrap();
-        let rec = ArtifactRecord {
-            id: ArtifactId::generate(&key, 1),
-            name: "app.bin".into(),
-            stack: "production".into(),
-            task: "build".into(),
-            version: 1,
-            size: 3,
-            checksum: "sha256:00".into(),
-            manifest: ManifestId::digest(b"m"),
-            stored_bytes: 3,
-            created_at: 1,
-            modified_at: 1,
-            download_count: 0,
-            last_download_at: None,
-            damaged: None,
-        };
+        let rec = ArtifactRecord::sample();
         assert_eq!(ArtifactRecord::decode(&rec.encode()).unwrap(), rec);
         let evil = String::from_utf8(rec.encode())
             .unwrap()
