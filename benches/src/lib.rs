@@ -91,3 +91,58 @@ pub fn warm(path: &Path) -> Result<()> {
     std::io::copy(&mut f, &mut std::io::sink())?;
     Ok(())
 }
+
+/// An agent on `127.0.0.1:0` serving a store in a directory, run inside the benchmark's own
+/// process (as `sloth-runner agent start` would run it), for the benchmarks that measure the
+/// network path.
+#[derive(Debug)]
+pub struct InProcessAgent {
+    /// How a client reaches it.
+    pub link: sloth_agent::client::Link,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<sloth_agent::Result<()>>,
+}
+
+impl InProcessAgent {
+    /// Opens (or creates) the store in `dir` and starts serving it as agent `name`.
+    pub async fn start(dir: &Path, name: &str) -> Result<Self> {
+        use sloth_agent::server::{AgentConfig, Bound};
+        let engine = sloth_engine::Engine::open(
+            dir,
+            sloth_engine::EngineConfig {
+                agent: name.into(),
+                ..sloth_engine::EngineConfig::default()
+            },
+        )
+        .await?;
+        let bound = Bound::bind("127.0.0.1:0".parse()?).await?;
+        let config = AgentConfig::new(name, bound.local_addr());
+        let link = sloth_agent::client::Link {
+            addr: bound.local_addr().to_string(),
+            ..sloth_agent::client::Link::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(sloth_agent::server::serve(
+            engine,
+            config,
+            bound,
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Self { link, stop, server })
+    }
+
+    /// A new client connection to it.
+    pub async fn connect(&self) -> Result<sloth_agent::client::Remote> {
+        Ok(sloth_agent::client::Remote::connect(&self.link.addr, &self.link).await?)
+    }
+
+    /// Shuts it down and waits until it has stopped.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        Ok(())
+    }
+}

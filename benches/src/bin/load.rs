@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use sloth_agent::client::{Link, PolicySource, Remote};
-use sloth_agent::server::{AgentConfig, Bound};
-use sloth_engine::{ArtifactKey, Engine, EngineConfig, ListQuery, Selector};
+use sloth_benches::InProcessAgent;
+use sloth_engine::{ArtifactKey, ListQuery, Selector};
 
 struct Rng(u64);
 
@@ -205,23 +205,9 @@ async fn main() -> Result<()> {
     let work = arg(&args, "--work").map_or_else(|| scratch.path().to_path_buf(), PathBuf::from);
     std::fs::create_dir_all(work.join("downloads"))?;
 
-    let engine = Engine::open(work.join("agent"), EngineConfig::default()).await?;
-    let bound = Bound::bind("127.0.0.1:0".parse()?).await?;
-    let addr = bound.local_addr().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sloth_agent::server::serve(
-        engine,
-        AgentConfig::new("load-agent", bound.local_addr()),
-        bound,
-        None,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let link = Link {
-        addr: addr.clone(),
-        ..Link::default()
-    };
+    let agent = InProcessAgent::start(&work.join("agent"), "load-agent").await?;
+    let link = agent.link.clone();
+    let addr = link.addr.clone();
     println!("load: {clients} clients for {seconds} s against an agent on {addr}");
     let stats = Arc::new(Mutex::new(Stats::default()));
     let started = Instant::now();
@@ -247,7 +233,7 @@ async fn main() -> Result<()> {
     let elapsed = started.elapsed();
 
     // Every surviving artifact reads back exactly.
-    let checker = Remote::connect(&addr, &link).await?;
+    let checker = agent.connect().await?;
     let mut checked = 0;
     let mut bad = Vec::new();
     for (id, mine) in &survivors {
@@ -268,8 +254,7 @@ async fn main() -> Result<()> {
             let _ = std::fs::remove_file(&target);
         }
     }
-    let _ = stop.send(());
-    server.await??;
+    agent.stop().await?;
 
     let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
     let total: usize = stats.latencies.values().map(Vec::len).sum();

@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use sloth_agent::client::{Link, Remote};
-use sloth_agent::server::{AgentConfig, Bound};
+use sloth_benches::InProcessAgent;
 use sloth_engine::{ArtifactKey, Engine, EngineConfig, Selector};
 
 /// CPU time this process has used (user + system), from /proc/self/stat.
@@ -144,7 +143,8 @@ async fn main() -> Result<()> {
 
     // Remote: an agent on loopback with its own fresh store.
     let agent_dir = tempfile::tempdir_in(&work)?;
-    let (remote, stop, server) = serve_agent(agent_dir.path()).await?;
+    let agent = InProcessAgent::start(agent_dir.path(), "bench-agent").await?;
+    let remote = agent.connect().await?;
     let phase = Phase::start();
     let first = remote
         .upload(&key, std::fs::File::open(&input)?, None)
@@ -169,8 +169,7 @@ async fn main() -> Result<()> {
         )
         .await?;
     let (remote_down, remote_down_cores) = phase.end();
-    let _ = stop.send(());
-    server.await??;
+    agent.stop().await?;
 
     println!(
         "local  upload      {:8.1} MB/s  ({:.2} s, {:.2} cores)",
@@ -233,7 +232,8 @@ async fn main() -> Result<()> {
 
 async fn remote_upload(input: &Path, work: &Path, key: &ArtifactKey) -> Result<()> {
     let agent_dir = tempfile::tempdir_in(work)?;
-    let (remote, stop, server) = serve_agent(agent_dir.path()).await?;
+    let agent = InProcessAgent::start(agent_dir.path(), "bench-agent").await?;
+    let remote = agent.connect().await?;
     let phase = Phase::start();
     remote
         .upload(key, std::fs::File::open(input)?, None)
@@ -243,40 +243,6 @@ async fn remote_upload(input: &Path, work: &Path, key: &ArtifactKey) -> Result<(
         "remote upload {:.2} s, {cores:.2} cores",
         took.as_secs_f64()
     );
-    let _ = stop.send(());
-    server.await??;
+    agent.stop().await?;
     Ok(())
-}
-
-type Server = tokio::task::JoinHandle<sloth_agent::Result<()>>;
-
-/// An agent on 127.0.0.1:0 over a fresh store in `dir`, and a client connected to it; send on
-/// the returned channel to stop it.
-async fn serve_agent(dir: &Path) -> Result<(Remote, tokio::sync::oneshot::Sender<()>, Server)> {
-    let engine = Engine::open(
-        dir,
-        EngineConfig {
-            agent: "bench-agent".into(),
-            ..EngineConfig::default()
-        },
-    )
-    .await?;
-    let bound = Bound::bind("127.0.0.1:0".parse()?).await?;
-    let addr = bound.local_addr().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = AgentConfig::new("bench-agent", bound.local_addr());
-    let server = tokio::spawn(sloth_agent::server::serve(
-        engine,
-        config,
-        bound,
-        None,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let link = Link {
-        addr: addr.clone(),
-        ..Link::default()
-    };
-    Ok((Remote::connect(&addr, &link).await?, stop, server))
 }
