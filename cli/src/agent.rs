@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use sloth_agent::client::{Link, Listed, Progress, Remote, Shown};
 use sloth_agent::tls::ClientTls;
 use sloth_engine::{
-    ArtifactKey, ArtifactRecord, Engine, EngineConfig, Event, ListQuery, Name, Selector,
-    StoreConfigFile,
+    ArtifactKey, ArtifactRecord, Engine, EngineConfig, Event, ListQuery, Name, ProjectedCatalog,
+    Selector, StoreConfigFile,
 };
 
 use crate::args::NetArgs;
@@ -90,6 +90,20 @@ pub(crate) async fn open_local(
     config: Option<&Path>,
     agent: &str,
 ) -> anyhow::Result<Engine> {
+    let mut config = local_config(data_dir, config, agent)?;
+    // The embedded store serves one process at a time (sled's lock): commands started
+    // together on `local` take turns instead of failing, up to this long.
+    config.cas.lock_wait = LOCK_WAIT;
+    Ok(Engine::open(data_dir, config).await?)
+}
+
+/// The embedded store's settings: `config` (default: `config.toml` in the data directory)
+/// applied to the defaults, `agent` the name its events record.
+fn local_config(
+    data_dir: &Path,
+    config: Option<&Path>,
+    agent: &str,
+) -> anyhow::Result<EngineConfig> {
     if data_dir.exists() && !data_dir.is_dir() {
         bail!(
             "data directory '{}' is not usable: it is not a directory",
@@ -100,14 +114,106 @@ pub(crate) async fn open_local(
         Some(path) => StoreConfigFile::load_from(path)?,
         None => StoreConfigFile::load(data_dir)?,
     };
-    let mut config = file.apply(EngineConfig {
+    Ok(file.apply(EngineConfig {
         agent: agent.into(),
         ..EngineConfig::default()
-    })?;
-    // The embedded store serves one process at a time (sled's lock): commands started
-    // together on `local` take turns instead of failing, up to this long.
-    config.cas.lock_wait = LOCK_WAIT;
-    Ok(Engine::open(data_dir, config).await?)
+    })?)
+}
+
+/// What `list` and `show` read: on `local`, `metadata.db` when it provably holds the whole
+/// catalog (then neither opening the store nor waiting for another process's lock on it is
+/// needed), else the store `open` gives.
+#[derive(Debug)]
+pub(crate) enum Catalog {
+    Projected(ProjectedCatalog),
+    Store(Store),
+}
+
+/// The catalog of `agent` for reading (see [`Catalog`]).
+pub(crate) async fn open_catalog(agent: &str, ctx: &Context) -> anyhow::Result<Catalog> {
+    if agent == LOCAL {
+        let config = local_config(&ctx.data_dir, None, LOCAL)?;
+        if let Some(projected) = ProjectedCatalog::open(&ctx.data_dir, config.layout) {
+            return Ok(Catalog::Projected(projected));
+        }
+    }
+    Ok(Catalog::Store(open(agent, ctx).await?))
+}
+
+impl Catalog {
+    /// See [`Store::list`].
+    pub(crate) async fn list(&self, query: &ListQuery) -> anyhow::Result<Vec<Listed>> {
+        match self {
+            Catalog::Projected(catalog) => {
+                Ok(listed(catalog.list(query)?, |r| catalog.layout_path(r)))
+            }
+            Catalog::Store(store) => store.list(query).await,
+        }
+    }
+
+    /// See [`Store::show`].
+    pub(crate) async fn show(&self, selector: &Selector) -> anyhow::Result<Shown> {
+        match self {
+            Catalog::Projected(catalog) => {
+                let record = catalog.resolve(selector)?;
+                let (count, newest) = catalog.version_figures(&record.key()?)?;
+                Ok(shown(record, count, newest, |r| catalog.layout_path(r)))
+            }
+            Catalog::Store(store) => store.show(selector).await,
+        }
+    }
+}
+
+/// Records as `list` shows them: each with its layout path (from `layout_path`) when it is in
+/// the layout.
+fn listed(
+    records: Vec<ArtifactRecord>,
+    layout_path: impl Fn(&ArtifactRecord) -> Option<PathBuf>,
+) -> Vec<Listed> {
+    // Only the newest version of each artifact is in the layout; with every version listed, a
+    // newer version of a listed record is more recent, so listed too.
+    let mut newest: HashMap<(&str, &str, &str), u32> = HashMap::new();
+    for r in &records {
+        let v = newest.entry((&r.stack, &r.task, &r.name)).or_default();
+        *v = (*v).max(r.version);
+    }
+    let paths: Vec<Option<String>> = records
+        .iter()
+        .map(|r| {
+            layout_path(r)
+                .filter(|_| newest.get(&(&*r.stack, &*r.task, &*r.name)) == Some(&r.version))
+                .map(|p| p.display().to_string())
+        })
+        .collect();
+    records
+        .into_iter()
+        .zip(paths)
+        .map(|(record, layout_path)| Listed {
+            record,
+            layout_path,
+        })
+        .collect()
+}
+
+/// What `show` prints about `record`, one of `count` versions of which `newest` is the newest.
+fn shown(
+    record: ArtifactRecord,
+    count: u32,
+    newest: u32,
+    layout_path: impl Fn(&ArtifactRecord) -> Option<PathBuf>,
+) -> Shown {
+    let path = layout_path(&record);
+    Shown {
+        layout_enabled: path.is_some(),
+        artifact: Listed {
+            layout_path: path
+                .filter(|_| record.version == newest)
+                .map(|p| p.display().to_string()),
+            record,
+        },
+        newest_version: newest,
+        version_count: count,
+    }
 }
 
 /// The data directory: `--data-dir` / `SLOTH_RUNNER_DATA_DIR` when given, else
@@ -155,28 +261,7 @@ impl Store {
     /// Artifacts as `list` shows them, each with its layout path when it has one.
     pub(crate) async fn list(&self, query: &ListQuery) -> anyhow::Result<Vec<Listed>> {
         match self {
-            Store::Local(engine) => {
-                let records = engine.list(query)?;
-                // Only the newest version of each artifact is in the layout; with every version
-                // listed, a newer version of a listed record is more recent, so listed too.
-                let mut newest: HashMap<(&str, &str, &str), u32> = HashMap::new();
-                for r in &records {
-                    let v = newest.entry((&r.stack, &r.task, &r.name)).or_default();
-                    *v = (*v).max(r.version);
-                }
-                Ok(records
-                    .iter()
-                    .map(|r| Listed {
-                        layout_path: engine
-                            .layout_path(r)
-                            .filter(|_| {
-                                newest.get(&(&*r.stack, &*r.task, &*r.name)) == Some(&r.version)
-                            })
-                            .map(|p| p.display().to_string()),
-                        record: r.clone(),
-                    })
-                    .collect())
-            }
+            Store::Local(engine) => Ok(listed(engine.list(query)?, |r| engine.layout_path(r))),
             Store::Remote(remote) => Ok(remote.list(query).await?),
         }
     }
@@ -188,19 +273,9 @@ impl Store {
                 let record = engine.resolve(selector)?;
                 let versions = engine.versions(&record.key()?)?;
                 let newest = versions.last().map_or(record.version, |r| r.version);
-                let path = engine
-                    .layout_path(&record)
-                    .filter(|_| record.version == newest)
-                    .map(|p| p.display().to_string());
-                Ok(Shown {
-                    layout_enabled: engine.layout_path(&record).is_some(),
-                    artifact: Listed {
-                        record,
-                        layout_path: path,
-                    },
-                    newest_version: newest,
-                    version_count: versions.len() as u32,
-                })
+                Ok(shown(record, versions.len() as u32, newest, |r| {
+                    engine.layout_path(r)
+                }))
             }
             Store::Remote(remote) => Ok(remote.show(selector).await?),
         }

@@ -56,7 +56,7 @@ pub(crate) async fn list(ctx: &Context, args: ListArgs, out: &mut dyn Write) -> 
         .as_deref()
         .map(|t| Name::parse("task", t))
         .transpose()?;
-    let store = agent::open(&args.agent, ctx).await?;
+    let store = agent::open_catalog(&args.agent, ctx).await?;
     // One more than asked for tells whether more exist without reading the whole catalog
     // (the engine walks a time index from the newest end; a full count would not be cheap).
     let mut records = store
@@ -305,7 +305,11 @@ fn prepare_target(path: PathBuf) -> anyhow::Result<PathBuf> {
 }
 
 pub(crate) async fn show(ctx: &Context, args: ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (_, _, shown) = open_and_resolve(ctx, &args.agent, &args.name, &args.scope).await?;
+    let selector = selector(&args.name, &args.scope)?;
+    let shown = agent::open_catalog(&args.agent, ctx)
+        .await?
+        .show(&selector)
+        .await?;
     let Shown {
         artifact,
         newest_version: newest,
@@ -400,8 +404,9 @@ pub(crate) async fn delete(
 }
 
 /// Validates a name and its scope up front, so bad input gets the naming rule's message.
-/// What download, show and delete start with, in this order: the agent must exist, the name
-/// and scope must be valid, then the store is opened and the artifact resolved. An unknown
+/// What download and delete start with (and show, which reads the catalog instead), in this
+/// order: the agent must exist, the name and scope must be valid, then the store is opened and
+/// the artifact resolved. An unknown
 /// agent, a bad name or an unknown or ambiguous artifact fails before anything else happens
 /// (delete asks its question only after this).
 async fn open_and_resolve(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use sloth_engine::{Engine, EngineConfig, ListQuery};
+use sloth_engine::{Engine, EngineConfig, ListQuery, ProjectedCatalog};
 
 mod common;
 
@@ -89,6 +89,13 @@ fn killed_agents_lose_nothing_acknowledged_and_show_nothing_partial() {
     let mut sources: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut acknowledged: BTreeSet<String> = BTreeSet::new();
     let mut attempted = 0;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let all = ListQuery {
+        all_versions: true,
+        ..ListQuery::default()
+    };
+    // Rounds after which metadata.db answered for the catalog, and refused to.
+    let (mut answered, mut refused) = (0, 0);
 
     for round in 0..rounds {
         let (mut agent, addr) = start_agent(&data, &log);
@@ -128,6 +135,20 @@ fn killed_agents_lose_nothing_acknowledged_and_show_nothing_partial() {
                 acknowledged.insert(name);
             }
         }
+        // metadata.db answers `list` and `show` only when it provably holds the whole
+        // catalog: whatever the kill interrupted, an answer it gives is the recovered one's.
+        let projected = ProjectedCatalog::open(&data, true).map(|p| p.list(&all).unwrap());
+        let recovered = runtime.block_on(async {
+            let engine = Engine::open(&data, EngineConfig::default()).await.unwrap();
+            engine.list(&all).unwrap()
+        });
+        match projected {
+            Some(projected) => {
+                answered += 1;
+                assert_eq!(projected, recovered, "round {round} (seed {seed})");
+            }
+            None => refused += 1,
+        }
     }
 
     // Every acknowledged upload, and every version visible at all, reads back exactly.
@@ -148,6 +169,30 @@ fn killed_agents_lose_nothing_acknowledged_and_show_nothing_partial() {
         .unwrap();
     assert!(listed.status.success());
     let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    // `local` on the same data directory lists the same, from metadata.db, while the agent
+    // holds the store (opening the store would wait for the agent's lock).
+    let local = sloth()
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["agent", "artifacts", "list", "local", "--stack", "crash"])
+        .args(["--limit", "100000", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let mut local: Vec<serde_json::Value> = serde_json::from_slice(&local.stdout).unwrap();
+    for artifact in &mut local {
+        artifact["agent"] = addr.clone().into();
+    }
+    let differs = local.iter().zip(&listed).find(|(l, r)| l != r);
+    assert!(
+        local.len() == listed.len() && differs.is_none(),
+        "local lists {} versions, the agent {}; first difference: {differs:?}",
+        local.len(),
+        listed.len()
+    );
     let visible: BTreeSet<String> = listed
         .iter()
         .map(|a| a["name"].as_str().unwrap().to_owned())
@@ -187,7 +232,8 @@ fn killed_agents_lose_nothing_acknowledged_and_show_nothing_partial() {
         .status();
     agent.wait().unwrap();
     println!(
-        "crash harness: {rounds} rounds, {attempted} uploads, {} acknowledged, {} visible, {} lost, {} wrong",
+        "crash harness: {rounds} rounds, {attempted} uploads, {} acknowledged, {} visible, {} lost, {} wrong; \
+         metadata.db answered after {answered} kills and refused after {refused}",
         acknowledged.len(),
         visible.len(),
         lost.len(),
@@ -213,7 +259,6 @@ fn killed_agents_lose_nothing_acknowledged_and_show_nothing_partial() {
     );
 
     // GC reclaims every chunk no version uses.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let engine = Engine::open(&data, EngineConfig::default()).await.unwrap();
         let before = engine.cas().stats().await.unwrap();

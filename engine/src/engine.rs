@@ -323,6 +323,7 @@ impl Engine {
         let now = now_secs();
         let _write = self.write.lock().await;
         let previous = self.versions(key)?.pop();
+        self.sqlite.mark_pending()?;
         let trees = self.cas.trees();
         let (record, event) = (
             &trees.manifests,
@@ -502,60 +503,39 @@ impl Engine {
     /// The one artifact version `selector` means. A name found under several stacks/tasks
     /// without `stack`/`task` to choose is [`Error::Ambiguous`], listing the candidates.
     pub fn resolve(&self, selector: &Selector) -> Result<ArtifactRecord> {
-        let not_found = || Error::NotFound {
-            name: selector.name.clone(),
-            stack: selector.stack.clone(),
-            task: selector.task.clone(),
-            version: selector.version,
-        };
-        let name = crate::Name::parse("artifact name", &selector.name)?;
-        let mut places = BTreeSet::new();
-        let mut prefix = name.as_str().as_bytes().to_vec();
-        prefix.push(0);
-        for item in self.by_name.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            let rest = &k[prefix.len()..];
-            let mut parts = rest.split(|b| *b == 0);
-            let (Some(stack), Some(task)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let (stack, task) = (
-                String::from_utf8_lossy(stack).into_owned(),
-                String::from_utf8_lossy(task).into_owned(),
-            );
-            if selector.stack.as_ref().is_some_and(|s| *s != stack)
-                || selector.task.as_ref().is_some_and(|t| *t != task)
-            {
-                continue;
-            }
-            places.insert((stack, task));
-        }
-        let (stack, task) = match places.len() {
-            0 => return Err(not_found()),
-            1 => places.into_iter().next().expect("one"),
-            _ => {
-                return Err(Error::Ambiguous {
-                    name: selector.name.clone(),
-                    candidates: places.into_iter().collect(),
-                });
-            }
-        };
-        let key = ArtifactKey::new(&selector.name, Some(&stack), Some(&task))?;
-        let record = match selector.version {
-            Some(v) => self
-                .artifacts
-                .get(key.version_key(v))?
-                .map(|b| ArtifactRecord::decode(&b))
-                .transpose()?,
-            None => self
-                .artifacts
-                .scan_prefix(key.prefix())
-                .next_back()
-                .transpose()?
-                .map(|(_, b)| ArtifactRecord::decode(&b))
-                .transpose()?,
-        };
-        record.ok_or_else(not_found)
+        resolve_with(
+            selector,
+            |name| {
+                let mut places = BTreeSet::new();
+                let mut prefix = name.as_str().as_bytes().to_vec();
+                prefix.push(0);
+                for item in self.by_name.scan_prefix(&prefix) {
+                    let (k, _) = item?;
+                    let mut parts = k[prefix.len()..].split(|b| *b == 0);
+                    if let (Some(stack), Some(task)) = (parts.next(), parts.next()) {
+                        places.insert((
+                            String::from_utf8_lossy(stack).into_owned(),
+                            String::from_utf8_lossy(task).into_owned(),
+                        ));
+                    }
+                }
+                Ok(places)
+            },
+            |key, version| match version {
+                Some(v) => self
+                    .artifacts
+                    .get(key.version_key(v))?
+                    .map(|b| ArtifactRecord::decode(&b))
+                    .transpose(),
+                None => self
+                    .artifacts
+                    .scan_prefix(key.prefix())
+                    .next_back()
+                    .transpose()?
+                    .map(|(_, b)| ArtifactRecord::decode(&b))
+                    .transpose(),
+            },
+        )
     }
 
     /// Writes a version's content to `target` (a file path, or a directory to put it in under
@@ -645,10 +625,13 @@ impl Engine {
             current.last_download_at = Some(now);
         })?;
         if let Some((current, event)) = result {
+            // Durable before the projection shows it (see the pending mark in `sqlite.rs`).
+            self.cas.flush().await?;
             let generation = self.generation()?;
             let projected = self
-                .sqlite
-                .upsert(&current, &event, generation)
+                .project_sqlite(generation, |sqlite| {
+                    sqlite.upsert(&current, &event, generation)
+                })
                 .and_then(|()| {
                     // A download changes nothing the layout shows: it is current at this generation
                     // too (otherwise every download would make the next open rebuild it).
@@ -696,6 +679,7 @@ impl Engine {
         candidates.sort();
         candidates.dedup();
         let now = now_secs();
+        self.sqlite.mark_pending()?;
         let trees = self.cas.trees();
         let events = (
             &trees.manifests,
@@ -743,9 +727,12 @@ impl Engine {
         // Committed: projection and GC failures from here on are reported, not returned.
         let projected = async {
             let generation = self.generation()?;
-            for (record, event) in doomed.iter().zip(&events) {
-                self.sqlite.delete(record, event, generation)?;
-            }
+            self.project_sqlite(generation, |sqlite| {
+                doomed
+                    .iter()
+                    .zip(&events)
+                    .try_for_each(|(record, event)| sqlite.delete(record, event, generation))
+            })?;
             if let Some(layout) = &self.layout {
                 let newest = self.versions(&key)?.pop();
                 layout
@@ -824,6 +811,7 @@ impl Engine {
     ) -> Result<Event> {
         let now = now_secs();
         let _write = self.write.lock().await;
+        self.sqlite.mark_pending()?;
         let event = (&self.events, &self.meta)
             .transaction(|(events, meta)| {
                 let seq = events.generate_id()?;
@@ -850,7 +838,9 @@ impl Engine {
             })?;
         self.cas.flush().await?;
         let generation = self.generation()?;
-        warn_stale(self.sqlite.event_only(&event, generation).and_then(|()| {
+        let projected =
+            self.project_sqlite(generation, |sqlite| sqlite.event_only(&event, generation));
+        warn_stale(projected.and_then(|()| {
             // No record changed: the layout is current at this generation too.
             match &self.layout {
                 Some(layout) => layout.set_generation(generation),
@@ -949,6 +939,23 @@ impl Engine {
         ))
     }
 
+    /// Applies one committed change to `metadata.db` with `update`, or rebuilds the file when
+    /// an earlier update failed: an update on top of a missed one would record the current
+    /// generation (and clear the pending mark) over content that lacks the missed change.
+    fn project_sqlite(
+        &self,
+        generation: u64,
+        update: impl FnOnce(&SqliteProjection) -> Result<()>,
+    ) -> Result<()> {
+        if self.sqlite.is_behind() {
+            tracing::info!(
+                "rebuilding metadata.db at generation {generation} after a failed update"
+            );
+            return self.rebuild_sqlite(generation);
+        }
+        update(&self.sqlite)
+    }
+
     /// Rewrites `metadata.db` from every version and event of the catalog.
     fn rebuild_sqlite(&self, generation: u64) -> Result<()> {
         let all = self.list(&ListQuery {
@@ -1001,6 +1008,7 @@ impl Engine {
     ) -> Result<Option<(ArtifactRecord, Event)>> {
         let key = record.key()?;
         let now = now_secs();
+        self.sqlite.mark_pending()?;
         (&self.artifacts, &self.events, &self.meta)
             .transaction(|(artifacts, events, meta)| {
                 let Some(bytes) = artifacts.get(key.version_key(record.version))? else {
@@ -1058,7 +1066,9 @@ impl Engine {
 
     async fn project_upsert(&self, record: &ArtifactRecord, event: &Event) -> Result<()> {
         let generation = self.generation()?;
-        self.sqlite.upsert(record, event, generation)?;
+        self.project_sqlite(generation, |sqlite| {
+            sqlite.upsert(record, event, generation)
+        })?;
         if let Some(layout) = &self.layout {
             layout
                 .replace(&self.cas, &record.key()?, Some(record), generation)
@@ -1083,6 +1093,9 @@ impl Engine {
         {
             tracing::info!("rebuilding metadata.db at generation {generation}");
             self.rebuild_sqlite(generation)?;
+        } else if self.sqlite.pending()? {
+            // Marked, but the catalog never committed the change: the file is current.
+            self.sqlite.clear_pending()?;
         }
         if let Some(layout) = &self.layout
             && layout.generation()? != Some(generation)
@@ -1243,6 +1256,41 @@ fn check_writable(dir: &Path) -> Result<()> {
     std::fs::write(&probe, b"").map_err(fail)?;
     std::fs::remove_file(&probe).map_err(fail)?;
     Ok(())
+}
+
+/// How a [`Selector`] is resolved, by the catalog and by its projection alike: `places` gives
+/// every (stack, task) holding an artifact of the name, `fetch` one version of one artifact
+/// (the newest for `None`). A name in several of the places the selector allows is
+/// [`Error::Ambiguous`].
+pub(crate) fn resolve_with(
+    selector: &Selector,
+    places: impl FnOnce(&crate::Name) -> Result<BTreeSet<(String, String)>>,
+    fetch: impl FnOnce(&ArtifactKey, Option<u32>) -> Result<Option<ArtifactRecord>>,
+) -> Result<ArtifactRecord> {
+    let not_found = || Error::NotFound {
+        name: selector.name.clone(),
+        stack: selector.stack.clone(),
+        task: selector.task.clone(),
+        version: selector.version,
+    };
+    let name = crate::Name::parse("artifact name", &selector.name)?;
+    let mut places = places(&name)?;
+    places.retain(|(stack, task)| {
+        selector.stack.as_ref().is_none_or(|s| s == stack)
+            && selector.task.as_ref().is_none_or(|t| t == task)
+    });
+    let (stack, task) = match places.len() {
+        0 => return Err(not_found()),
+        1 => places.pop_first().expect("one"),
+        _ => {
+            return Err(Error::Ambiguous {
+                name: selector.name.clone(),
+                candidates: places.into_iter().collect(),
+            });
+        }
+    };
+    let key = ArtifactKey::new(&selector.name, Some(&stack), Some(&task))?;
+    fetch(&key, selector.version)?.ok_or_else(not_found)
 }
 
 /// `items.iter().map(f).collect()`, on up to four threads when there are many items.

@@ -33,6 +33,7 @@ mod engine;
 mod error;
 mod layout;
 mod name;
+mod projected;
 mod record;
 mod sqlite;
 mod sync_behind;
@@ -46,6 +47,7 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
+pub use projected::ProjectedCatalog;
 pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};
 pub use sloth_cas::IngestOptions;
 pub use sync_behind::SyncBehind;

@@ -42,6 +42,21 @@ impl fmt::Display for ArtifactId {
     }
 }
 
+impl std::str::FromStr for ArtifactId {
+    type Err = String;
+
+    /// Exactly 32 hex digits, as [`fmt::Display`] writes them.
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        if text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            u128::from_str_radix(text, 16)
+                .map(Self)
+                .map_err(|e| e.to_string())
+        } else {
+            Err(format!("an artifact id is 32 hex digits, not '{text}'"))
+        }
+    }
+}
+
 mod hex_u128 {
     use serde::{Deserializer, Serializer};
 
@@ -51,11 +66,7 @@ mod hex_u128 {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
         super::parse_str(d, "32 hex digits", |text| {
-            if text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-                u128::from_str_radix(text, 16).map_err(|e| e.to_string())
-            } else {
-                Err(format!("an artifact id is 32 hex digits, not '{text}'"))
-            }
+            text.parse::<super::ArtifactId>().map(|id| id.0)
         })
     }
 }

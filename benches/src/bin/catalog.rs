@@ -1,6 +1,9 @@
 //! Catalog latency with many artifact versions: fills a data directory with N versions
 //! (default 100,000; kept between runs) and times `list --limit 50`, `show` and an engine open,
-//! in-process and through the `sloth-runner` binary when it is built.
+//! in-process and, when `sloth-runner` is built beside this binary, as one-shot
+//! `sloth-runner` processes on `local`: answered from `metadata.db` (what the CLI does when it
+//! is current), alternating with the same commands made to open the store (the pending mark
+//! set before each), the same run's baseline.
 //!
 //! ```text
 //! cargo run --release -p sloth-benches --bin catalog -- [--versions N] [--work DIR]
@@ -99,5 +102,87 @@ async fn main() -> Result<()> {
         median(lists),
         median(shows)
     );
+    let cli = std::env::current_exe()?.with_file_name("sloth-runner");
+    if cli.is_file() {
+        one_shot(&cli, &data)?;
+    } else {
+        println!("(build `sloth-cli` in the same profile to time `sloth-runner` processes too)");
+    }
+    Ok(())
+}
+
+/// Times `list` and `show` as `sloth-runner` processes on `local`, each answered from
+/// `metadata.db` and, alternately, from the store.
+fn one_shot(cli: &std::path::Path, data: &std::path::Path) -> Result<()> {
+    // The layout stays off, as above: the CLI reads the store's settings from config.toml.
+    let config = data.join(sloth_engine::CONFIG_FILE);
+    if !config.exists() {
+        std::fs::write(&config, "layout = false\n")?;
+    }
+    let data_dir = data.to_str().context("a UTF-8 data directory")?;
+    let commands: [(&str, Vec<&str>); 2] = [
+        ("list --limit 50", vec!["list", "local", "--limit", "50"]),
+        (
+            "show",
+            vec![
+                "show",
+                "local",
+                "artifact-7.bin",
+                "--stack",
+                "stack-3",
+                "--task",
+                "task-0",
+            ],
+        ),
+    ];
+    let run = |args: &[&str]| -> Result<Duration> {
+        let t = Instant::now();
+        let out = std::process::Command::new(cli)
+            .args(["--data-dir", data_dir, "agent", "artifacts"])
+            .args(args)
+            .output()?;
+        let elapsed = t.elapsed();
+        if !out.status.success() {
+            bail!(
+                "sloth-runner {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(elapsed)
+    };
+    // Makes the next command open the store: an engine open clears a mark whose change the
+    // catalog never committed, so it is set again before each.
+    let mark_pending = || -> Result<()> {
+        rusqlite::Connection::open(data.join("metadata.db"))?.execute(
+            "INSERT OR REPLACE INTO projection_meta (key, value) VALUES ('pending', 1)",
+            [],
+        )?;
+        Ok(())
+    };
+    // Untimed: brings metadata.db up to date (a rebuild when it is from another setting).
+    run(&commands[0].1)?;
+    for (what, args) in &commands {
+        let (mut projected, mut store) = (Vec::new(), Vec::new());
+        for _ in 0..11 {
+            projected.push(run(args)?);
+            mark_pending()?;
+            store.push(run(args)?);
+        }
+        let range = |v: &[Duration]| {
+            let (lo, hi) = (v.iter().min().expect("runs"), v.iter().max().expect("runs"));
+            format!(
+                "{:.1}–{:.1} ms",
+                lo.as_secs_f64() * 1e3,
+                hi.as_secs_f64() * 1e3
+            )
+        };
+        println!(
+            "sloth-runner {what} on local: {:.1} ms ({}) from metadata.db, {:.1} ms ({}) opening the store (medians of 11)",
+            median(projected.clone()).as_secs_f64() * 1e3,
+            range(&projected),
+            median(store.clone()).as_secs_f64() * 1e3,
+            range(&store),
+        );
+    }
     Ok(())
 }
