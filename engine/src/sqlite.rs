@@ -23,10 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
+use crate::error::at;
 use crate::record::Event;
-use crate::{ArtifactRecord, Result};
+use crate::{ArtifactRecord, Error, Result};
 
 /// The spec's schema, exactly, then what the projection adds beside it.
 const SCHEMA: &str = "
@@ -136,8 +137,44 @@ pub(crate) struct SqliteProjection {
 }
 
 impl SqliteProjection {
+    /// Opens `metadata.db` in `data_dir`, creating it or bringing its schema up to date. A
+    /// file SQLite calls damaged is moved aside to `metadata.db.damaged` and started anew: it
+    /// is a projection, rebuilt from the catalog, and must never keep the store from opening.
     pub(crate) fn open(data_dir: &Path, layout: bool) -> Result<Self> {
-        let mut conn = Connection::open(data_dir.join("metadata.db"))?;
+        let path = data_dir.join("metadata.db");
+        let conn = match Self::connect(&path) {
+            Err(Error::Sqlite(e))
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+                ) =>
+            {
+                let aside = data_dir.join("metadata.db.damaged");
+                tracing::warn!(
+                    "metadata.db is damaged ({e}): moved to {} and rebuilt from the catalog",
+                    aside.display()
+                );
+                std::fs::rename(&path, &aside).map_err(at(&path))?;
+                for stale in ["metadata.db-wal", "metadata.db-shm"] {
+                    let stale = data_dir.join(stale);
+                    if stale.exists() {
+                        std::fs::remove_file(&stale).map_err(at(&stale))?;
+                    }
+                }
+                Self::connect(&path)?
+            }
+            other => other?,
+        };
+        Ok(Self {
+            conn: Mutex::new(conn),
+            data_dir: data_dir.to_path_buf(),
+            layout,
+            behind: AtomicBool::new(false),
+        })
+    }
+
+    fn connect(path: &Path) -> Result<Connection> {
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -161,12 +198,7 @@ impl SqliteProjection {
             )?;
             tx.commit()?;
         }
-        Ok(Self {
-            conn: Mutex::new(conn),
-            data_dir: data_dir.to_path_buf(),
-            layout,
-            behind: AtomicBool::new(false),
-        })
+        Ok(conn)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {

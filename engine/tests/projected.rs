@@ -326,3 +326,34 @@ async fn reopening_clears_a_stale_mark_and_rebuilds_an_old_schema() {
         engine.resolve(&sel).unwrap()
     );
 }
+
+/// A metadata.db that SQLite calls damaged never keeps the store from opening: it is moved
+/// aside, rebuilt from the catalog, and answers again. Until then the CLI's reader declines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_metadata_db_is_set_aside_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ArtifactKey::new("app.bin", Some("production"), Some("build")).unwrap();
+    let uploaded = {
+        let engine = Engine::open(dir.path(), EngineConfig::default())
+            .await
+            .unwrap();
+        engine.upload(&key, &b"one"[..], "alice").await.unwrap()
+    };
+    let garbage: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("metadata.db"), garbage).unwrap();
+    assert!(ProjectedCatalog::open(dir.path(), true).is_none());
+
+    let engine = Engine::open(dir.path(), EngineConfig::default())
+        .await
+        .expect("opens");
+    assert!(dir.path().join("metadata.db.damaged").is_file());
+    let projected = ProjectedCatalog::open(dir.path(), true).expect("rebuilt");
+    let sel = Selector {
+        name: "app.bin".into(),
+        ..Selector::default()
+    };
+    assert_eq!(projected.resolve(&sel).unwrap(), uploaded);
+    assert_eq!(engine.resolve(&sel).unwrap(), uploaded);
+}
