@@ -625,21 +625,21 @@ impl Engine {
             current.last_download_at = Some(now);
         })?;
         if let Some((current, event)) = result {
-            // Durable before the projection shows it (see the pending mark in `sqlite.rs`).
-            self.cas.flush().await?;
-            let generation = self.generation()?;
-            let projected = self
-                .project_sqlite(generation, |sqlite| {
+            // Durable before the projection shows it (see the pending mark in `sqlite.rs`); a
+            // failed flush leaves the mark set, and the delivered download stays a success.
+            let flushed = self.cas.flush().await.map_err(Error::from);
+            let projected = flushed.and_then(|()| {
+                let generation = self.generation()?;
+                self.project_sqlite(generation, |sqlite| {
                     sqlite.upsert(&current, &event, generation)
-                })
-                .and_then(|()| {
-                    // A download changes nothing the layout shows: it is current at this generation
-                    // too (otherwise every download would make the next open rebuild it).
-                    match &self.layout {
-                        Some(layout) => layout.set_generation(generation),
-                        None => Ok(()),
-                    }
-                });
+                })?;
+                // A download changes nothing the layout shows: it is current at this generation
+                // too (otherwise every download would make the next open rebuild it).
+                match &self.layout {
+                    Some(layout) => layout.set_generation(generation),
+                    None => Ok(()),
+                }
+            });
             warn_stale(projected);
         }
         Ok(())
