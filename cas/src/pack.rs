@@ -105,6 +105,12 @@ struct WriteState {
     /// A background sync's failure, reported by the next sync (an fsync error is reported
     /// once: the foreground sync after it may well succeed).
     behind_failed: Option<std::io::Error>,
+    /// Why a pack sync failed, once one has. After a failed fsync Linux may have dropped the
+    /// dirty pages it could not write and report success on the next fsync, so no frame
+    /// appended before it can be trusted to be durable: every later sync fails too, nothing
+    /// more is indexed, and only reopening the store (whose index holds only frames synced
+    /// before) clears it.
+    poisoned: Option<String>,
 }
 
 impl WriteState {
@@ -128,15 +134,31 @@ impl WriteState {
         }
     }
 
-    /// Waits for the background sync; its failure, or an earlier one's, is the error.
-    fn settle_behind(&mut self) -> std::io::Result<()> {
-        if let Some(running) = self.behind.take()
-            && let Err(e) = collect(running)
-        {
-            self.behind_failed.get_or_insert(e);
+    /// Folds in the outcome of a sync (with any background sync's failure): an error now and
+    /// from then on when any sync ever failed (see [`WriteState::poisoned`]).
+    fn record_sync(&mut self, synced: std::io::Result<()>) -> Result<()> {
+        let synced = self.behind_failed.take().map_or(synced, Err);
+        if let (Err(e), None) = (&synced, &self.poisoned) {
+            self.poisoned = Some(e.to_string());
         }
-        self.behind_failed.take().map_or(Ok(()), Err)
+        match &self.poisoned {
+            Some(why) => Err(Error::Io(std::io::Error::other(format!(
+                "syncing a pack file failed ({why}); chunks written since may not be on disk, \
+                 so the store makes nothing durable until it is reopened"
+            )))),
+            None => Ok(()),
+        }
     }
+}
+
+/// Waits for a background sync (when there is one), then syncs `files`.
+fn sync_files(
+    behind: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    files: &[Arc<File>],
+) -> std::io::Result<()> {
+    behind
+        .map_or(Ok(()), collect)
+        .and_then(|()| files.iter().try_for_each(|f| f.sync_data()))
 }
 
 fn collect(sync: std::thread::JoinHandle<std::io::Result<()>>) -> std::io::Result<()> {
@@ -327,16 +349,15 @@ impl PackInner {
     /// fsyncs the packs written since the last sync, then indexes their frames in sled.
     fn sync(&self) -> Result<()> {
         let mut state = self.lock();
-        state.settle_behind()?;
         if let Some(w) = &state.writer
             && !state.unsynced.iter().any(|f| Arc::ptr_eq(f, &w.file))
         {
             let file = Arc::clone(&w.file);
             state.unsynced.push(file);
         }
-        for file in state.unsynced.drain(..) {
-            file.sync_data()?;
-        }
+        let (files, behind) = (std::mem::take(&mut state.unsynced), state.behind.take());
+        let synced = sync_files(behind, &files);
+        state.record_sync(synced)?;
         let mut batch = sled::Batch::default();
         for (id, loc) in state.pending.drain() {
             batch.insert(&id.as_bytes()[..], &loc.encode()[..]);
@@ -443,17 +464,14 @@ impl PackInner {
     /// fsyncs every pack written since the last sync (the current one and any the writer
     /// rotated away from), without indexing pending frames.
     fn sync_written(&self) -> Result<()> {
-        let files: Vec<Arc<File>> = {
+        let (files, behind) = {
             let mut state = self.lock();
-            state.settle_behind()?;
             let mut files: Vec<Arc<File>> = state.unsynced.drain(..).collect();
             files.extend(state.writer.iter().map(|w| Arc::clone(&w.file)));
-            files
+            (files, state.behind.take())
         };
-        for file in files {
-            file.sync_data()?;
-        }
-        Ok(())
+        let synced = sync_files(behind, &files);
+        self.lock().record_sync(synced)
     }
 
     fn compact(&self) -> Result<u64> {
@@ -639,5 +657,53 @@ impl ChunkStore for PackStore {
     async fn replace_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<u64> {
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.replace_many(frames)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame;
+
+    fn chunk(seed: u8) -> (ChunkId, Bytes, Vec<u8>) {
+        let data = vec![seed; 10_000];
+        (ChunkId::digest(&data), frame::encode(&data, 3), data)
+    }
+
+    /// A failed pack sync (here a background one's error) fails that sync and every later one,
+    /// and indexes nothing; a reopened store works and never lists the frames it could not
+    /// make durable.
+    #[tokio::test]
+    async fn a_failed_sync_poisons_the_store_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let store = PackStore::open(dir.path().join("packs"), &db).unwrap();
+        let (lost, lost_frame, _) = chunk(1);
+        store.put_many(vec![(lost, lost_frame)]).await.unwrap();
+        store.inner.lock().behind_failed = Some(std::io::Error::other("injected EIO"));
+
+        let err = store.sync().await.unwrap_err().to_string();
+        assert!(err.contains("injected EIO"), "{err}");
+        let (later, later_frame, _) = chunk(2);
+        store.put_many(vec![(later, later_frame)]).await.unwrap();
+        let again = store.sync().await.unwrap_err().to_string();
+        assert!(again.contains("injected EIO"), "{again}");
+        assert_eq!(
+            store.inner.index.len(),
+            0,
+            "nothing indexed after a failed sync"
+        );
+
+        drop(store);
+        let store = PackStore::open(dir.path().join("packs"), &db).unwrap();
+        assert_eq!(
+            store.has_many(&[lost, later]).await.unwrap(),
+            [false, false]
+        );
+        let (id, frame, data) = chunk(3);
+        store.put_many(vec![(id, frame)]).await.unwrap();
+        store.sync().await.unwrap();
+        let got = store.get(id).await.unwrap().expect("stored");
+        assert_eq!(frame::decode(&id, &got).unwrap(), data);
     }
 }
