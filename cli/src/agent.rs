@@ -120,7 +120,7 @@ fn local_config(
     })?)
 }
 
-/// What `list` and `show` read: on `local`, `metadata.db` when it provably holds the whole
+/// What `list`, `show` and `events list` read: on `local`, `metadata.db` when it provably holds the whole
 /// catalog (then neither opening the store nor waiting for another process's lock on it is
 /// needed), else the store `open` gives.
 #[derive(Debug)]
@@ -141,6 +141,18 @@ pub(crate) async fn open_catalog(agent: &str, ctx: &Context) -> anyhow::Result<C
 }
 
 impl Catalog {
+    /// See [`Store::events`].
+    pub(crate) async fn events(
+        &self,
+        kind: Option<&str>,
+        limit: Option<usize>,
+    ) -> anyhow::Result<Vec<Event>> {
+        match self {
+            Catalog::Projected(catalog) => Ok(catalog.events(kind, limit)?),
+            Catalog::Store(store) => store.events(kind, limit).await,
+        }
+    }
+
     /// See [`Store::list`].
     pub(crate) async fn list(&self, query: &ListQuery) -> anyhow::Result<Vec<Listed>> {
         match self {

@@ -23,7 +23,7 @@ pub(crate) async fn list(
     args: EventsListArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let store = agent::open(&args.agent, ctx).await?;
+    let store = agent::open_catalog(&args.agent, ctx).await?;
     let events = store.events(args.kind.as_deref(), Some(args.limit)).await?;
 
     if args.output == Output::Json {

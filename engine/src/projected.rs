@@ -1,4 +1,5 @@
-//! Read-only answers from `metadata.db` when it provably holds the whole catalog.
+//! Read-only answers from `metadata.db` when it provably holds the whole catalog: `list`,
+//! `show` and `events list` on the embedded store.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use crate::engine::resolve_with;
 use crate::layout::Layout;
 use crate::sqlite::SCHEMA_VERSION;
-use crate::{ArtifactKey, ArtifactRecord, Error, ListQuery, Result, Selector};
+use crate::{ArtifactKey, ArtifactRecord, Error, Event, ListQuery, Result, Selector, glob_match};
 
 /// The columns [`record_of`] reads, in its order.
 const RECORD_COLUMNS: &str = "a.id, a.name, a.stack, a.task, v.version, a.size, a.checksum, \
@@ -17,9 +18,9 @@ const RECORD_COLUMNS: &str = "a.id, a.name, a.stack, a.task, v.version, a.size, 
 
 /// The catalog as `metadata.db` shows it, in one SQLite snapshot taken when no change was
 /// pending (see the pending-mark protocol in `sqlite.rs`): then it holds exactly what the
-/// catalog held at that moment, and `list` and `show` can answer from it without opening the
-/// store. It reads the same records [`crate::Engine::list`] and [`crate::Engine::resolve`]
-/// return, in the same order.
+/// catalog held at that moment, and `list`, `show` and `events list` can answer from it
+/// without opening the store. It reads the same records and events [`crate::Engine::list`],
+/// [`crate::Engine::resolve`] and [`crate::Engine::events`] return, in the same order.
 #[derive(Debug)]
 pub struct ProjectedCatalog {
     conn: Connection,
@@ -144,6 +145,48 @@ impl ProjectedCatalog {
             params![key.stack.as_str(), key.task.as_str(), key.name.as_str()],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?)
+    }
+
+    /// What [`crate::Engine::events`] returns: the most recent `limit` events whose kind
+    /// matches the glob `pattern` (all when `None`), oldest first.
+    pub fn events(&self, pattern: Option<&str>, limit: Option<usize>) -> Result<Vec<Event>> {
+        let mut statement = self.conn.prepare(
+            "SELECT seq, time, kind, agent, principal, artifact_id, stack, task, name, version, size
+             FROM events WHERE (?1 IS NULL OR kind GLOB ?1) ORDER BY seq DESC",
+        )?;
+        // SQLite's GLOB reads `*` and `?` as ours does (case-sensitively) but also `[...]`,
+        // which ours takes literally: such a pattern is left to the check below alone.
+        let prefilter = pattern.filter(|p| !p.contains(['[', ']']));
+        let mut rows = statement.query(params![prefilter])?;
+        let mut out = Vec::new();
+        while limit.is_none_or(|l| out.len() < l)
+            && let Some(row) = rows.next()?
+        {
+            let kind: String = row.get(2)?;
+            if pattern.is_some_and(|p| !glob_match(p, &kind)) {
+                continue;
+            }
+            let artifact_id: String = row.get(5)?;
+            out.push(Event {
+                seq: unsigned(row, 0)?,
+                time: row.get(1)?,
+                kind,
+                agent: row.get(3)?,
+                principal: row.get(4)?,
+                artifact_id: artifact_id.parse().map_err(|_| {
+                    Error::CorruptRecord(format!(
+                        "metadata.db holds a bad artifact id: '{artifact_id}'"
+                    ))
+                })?,
+                stack: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                task: row.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                name: row.get(8)?,
+                version: row.get(9)?,
+                size: unsigned(row, 10)?,
+            });
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// Where the layout shows `record`'s artifact, as [`crate::Engine::layout_path`] says.

@@ -144,6 +144,21 @@ fn assert_same_answers(engine: &Engine, projected: &ProjectedCatalog) {
             }
         }
     }
+    for pattern in [
+        None,
+        Some("artifact.*"),
+        Some("*.d?wnload"),
+        Some("artifact.cleanup"),
+        Some("artifact.[u]pload"),
+    ] {
+        for limit in [None, Some(1), Some(3)] {
+            assert_eq!(
+                shown(projected.events(pattern, limit)),
+                shown(engine.events(pattern, limit)),
+                "events {pattern:?} {limit:?}"
+            );
+        }
+    }
     for name in NAMES.iter().chain(&["missing", "bad/name"]) {
         for stack in filters() {
             for task in filters() {
