@@ -4,9 +4,10 @@
 //! and rebuilt when it is missing or behind (its `projection_meta.generation` differs from the
 //! catalog's). WAL mode lets the stock `sqlite3` read it while the store writes.
 //!
-//! It is also how a one-shot `list` or `show` on the embedded store answers without opening
-//! sled (whose open alone costs ~100 ms with 100,000 versions): [`ProjectedCatalog`]. That is
-//! sound only if a reader can tell that the file is current, which the *pending mark* gives:
+//! It is also how a one-shot `list`, `show` or `events list` on the embedded store answers
+//! without opening sled (whose open alone costs ~100 ms with 100,000 versions):
+//! [`ProjectedCatalog`]. That is sound only if a reader can tell that the file is current,
+//! which the *pending mark* gives:
 //!
 //! 1. Before every catalog transaction, under the engine's write lock, `projection_meta.pending`
 //!    is set and that SQLite commit is made durable (`synchronous = FULL`).
