@@ -90,7 +90,11 @@ pub(crate) async fn open_local(
     config: Option<&Path>,
     agent: &str,
 ) -> anyhow::Result<Engine> {
-    let mut config = local_config(data_dir, config, agent)?;
+    open_engine(data_dir, local_config(data_dir, config, agent)?).await
+}
+
+/// Opens the embedded store in `data_dir` with `config` (see [`local_config`]).
+async fn open_engine(data_dir: &Path, mut config: EngineConfig) -> anyhow::Result<Engine> {
     // The embedded store serves one process at a time (sled's lock): commands started
     // together on `local` take turns instead of failing, up to this long.
     config.cas.lock_wait = LOCK_WAIT;
@@ -120,9 +124,9 @@ fn local_config(
     })?)
 }
 
-/// What `list`, `show` and `events list` read: on `local`, `metadata.db` when it provably holds the whole
-/// catalog (then neither opening the store nor waiting for another process's lock on it is
-/// needed), else the store `open` gives.
+/// What `list`, `show` and `events list` read: on `local`, `metadata.db` when it provably
+/// holds the whole catalog (then neither opening the store nor waiting for another process's
+/// lock on it is needed), else the store `open` gives.
 #[derive(Debug)]
 pub(crate) enum Catalog {
     Projected(ProjectedCatalog),
@@ -132,10 +136,13 @@ pub(crate) enum Catalog {
 /// The catalog of `agent` for reading (see [`Catalog`]).
 pub(crate) async fn open_catalog(agent: &str, ctx: &Context) -> anyhow::Result<Catalog> {
     if agent == LOCAL {
+        // The settings are read once: the layout setting decides whether the file can answer,
+        // and the store is opened with them when it cannot.
         let config = local_config(&ctx.data_dir, None, LOCAL)?;
-        if let Some(projected) = ProjectedCatalog::open(&ctx.data_dir, config.layout) {
-            return Ok(Catalog::Projected(projected));
-        }
+        return Ok(match ProjectedCatalog::open(&ctx.data_dir, config.layout) {
+            Some(projected) => Catalog::Projected(projected),
+            None => Catalog::Store(Store::Local(open_engine(&ctx.data_dir, config).await?)),
+        });
     }
     Ok(Catalog::Store(open(agent, ctx).await?))
 }

@@ -173,11 +173,9 @@ impl ProjectedCatalog {
                 kind,
                 agent: row.get(3)?,
                 principal: row.get(4)?,
-                artifact_id: artifact_id.parse().map_err(|_| {
-                    Error::CorruptRecord(format!(
-                        "metadata.db holds a bad artifact id: '{artifact_id}'"
-                    ))
-                })?,
+                artifact_id: artifact_id
+                    .parse()
+                    .map_err(|_| corrupt("artifact id", &artifact_id))?,
                 stack: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
                 task: row.get::<_, Option<String>>(7)?.unwrap_or_default(),
                 name: row.get(8)?,
@@ -199,9 +197,6 @@ impl ProjectedCatalog {
 /// [`Error::CorruptRecord`].
 fn record_of(row: &Row<'_>) -> rusqlite::Result<Result<ArtifactRecord>> {
     let (id, manifest): (String, String) = (row.get(0)?, row.get(7)?);
-    let corrupt = |what: &str, value: &str| {
-        Error::CorruptRecord(format!("metadata.db holds a bad {what}: '{value}'"))
-    };
     let (id, manifest) = match (id.parse(), manifest.parse()) {
         (Ok(id), Ok(manifest)) => (id, manifest),
         (Err(_), _) => return Ok(Err(corrupt("artifact id", &id))),
@@ -235,4 +230,9 @@ fn unsigned(row: &Row<'_>, column: usize) -> rusqlite::Result<u64> {
     u64::try_from(row.get::<_, i64>(column)?).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Integer, e.into())
     })
+}
+
+/// A value in `metadata.db` the catalog could not have written.
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::CorruptRecord(format!("metadata.db holds a bad {what}: '{value}'"))
 }
