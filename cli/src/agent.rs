@@ -129,7 +129,12 @@ fn local_config(
 /// lock on it is needed), else the store `open` gives.
 #[derive(Debug)]
 pub(crate) enum Catalog {
-    Projected(ProjectedCatalog),
+    /// With what opening the embedded store needs, should the file fail to answer.
+    Projected {
+        catalog: ProjectedCatalog,
+        data_dir: PathBuf,
+        config: EngineConfig,
+    },
     Store(Store),
 }
 
@@ -140,7 +145,11 @@ pub(crate) async fn open_catalog(agent: &str, ctx: &Context) -> anyhow::Result<C
         // and the store is opened with them when it cannot.
         let config = local_config(&ctx.data_dir, None, LOCAL)?;
         return Ok(match ProjectedCatalog::open(&ctx.data_dir, config.layout) {
-            Some(projected) => Catalog::Projected(projected),
+            Some(catalog) => Catalog::Projected {
+                catalog,
+                data_dir: ctx.data_dir.clone(),
+                config,
+            },
             None => Catalog::Store(Store::Local(open_engine(&ctx.data_dir, config).await?)),
         });
     }
@@ -148,38 +157,63 @@ pub(crate) async fn open_catalog(agent: &str, ctx: &Context) -> anyhow::Result<C
 }
 
 impl Catalog {
+    /// `answer` from the file, or, when the file cannot answer, `ask` the embedded store.
+    async fn answer<T>(
+        &self,
+        answer: impl FnOnce(&ProjectedCatalog) -> sloth_engine::Result<T>,
+        ask: impl AsyncFnOnce(&Store) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let (catalog, data_dir, config) = match self {
+            Catalog::Projected {
+                catalog,
+                data_dir,
+                config,
+            } => (catalog, data_dir, config),
+            Catalog::Store(store) => return ask(store).await,
+        };
+        match answer(catalog) {
+            Err(e) if ProjectedCatalog::cannot_answer(&e) => {
+                tracing::debug!("metadata.db cannot answer, opening the store: {e}");
+                let store = Store::Local(open_engine(data_dir, config.clone()).await?);
+                ask(&store).await
+            }
+            answered => Ok(answered?),
+        }
+    }
+
     /// See [`Store::events`].
     pub(crate) async fn events(
         &self,
         kind: Option<&str>,
         limit: Option<usize>,
     ) -> anyhow::Result<Vec<Event>> {
-        match self {
-            Catalog::Projected(catalog) => Ok(catalog.events(kind, limit)?),
-            Catalog::Store(store) => store.events(kind, limit).await,
-        }
+        self.answer(
+            |catalog| catalog.events(kind, limit),
+            async |store| store.events(kind, limit).await,
+        )
+        .await
     }
 
     /// See [`Store::list`].
     pub(crate) async fn list(&self, query: &ListQuery) -> anyhow::Result<Vec<Listed>> {
-        match self {
-            Catalog::Projected(catalog) => {
-                Ok(listed(catalog.list(query)?, |r| catalog.layout_path(r)))
-            }
-            Catalog::Store(store) => store.list(query).await,
-        }
+        self.answer(
+            |catalog| Ok(listed(catalog.list(query)?, |r| catalog.layout_path(r))),
+            async |store| store.list(query).await,
+        )
+        .await
     }
 
     /// See [`Store::show`].
     pub(crate) async fn show(&self, selector: &Selector) -> anyhow::Result<Shown> {
-        match self {
-            Catalog::Projected(catalog) => {
+        self.answer(
+            |catalog| {
                 let record = catalog.resolve(selector)?;
                 let (count, newest) = catalog.version_figures(&record.key()?)?;
                 Ok(shown(record, count, newest, |r| catalog.layout_path(r)))
-            }
-            Catalog::Store(store) => store.show(selector).await,
-        }
+            },
+            async |store| store.show(selector).await,
+        )
+        .await
     }
 }
 

@@ -1248,3 +1248,27 @@ fn running_as_root() -> bool {
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
 }
+
+#[test]
+fn a_metadata_db_that_cannot_answer_is_passed_over_for_the_store() {
+    let s = Sloth::new();
+    s.write("app.bin", b"content");
+    s.ok(&["agent", "artifacts", "upload", "local", "app.bin"]);
+    let commands: [&[&str]; 3] = [
+        &["agent", "artifacts", "list", "local", "--output", "json"],
+        &["agent", "artifacts", "show", "local", "app.bin"],
+        &["events", "list", "--type", "artifact.*", "--output", "json"],
+    ];
+    let answers: Vec<String> = commands.iter().map(|args| s.ok(args)).collect();
+    // A value the file's reader refuses; the mark and generation still say "current", so the
+    // file is opened, and fails only when asked.
+    let db = rusqlite::Connection::open(s.data_dir().join("metadata.db")).unwrap();
+    db.execute_batch("UPDATE artifact_versions SET manifest = 'not-a-manifest-id';")
+        .unwrap();
+    db.execute_batch("UPDATE events SET artifact_id = 'not-an-id';")
+        .unwrap();
+    drop(db);
+    for (args, answer) in commands.iter().zip(&answers) {
+        assert_eq!(&s.ok(args), answer, "{args:?}");
+    }
+}

@@ -75,8 +75,12 @@ s() {{ "$BIN" --data-dir "$MNT/data" "$@"; }}
 s agent artifacts upload local "$DIR/small.bin" >/dev/null || exit 1
 if s agent artifacts upload local "$DIR/big.bin" 2>"$DIR/err"; then echo "UPLOAD-SUCCEEDED"; fi
 echo "ERR: $(cat "$DIR/err")"
+# Whatever room the failed upload left, none is left now: reading must need no free byte.
+cat /dev/zero > "$MNT/filler" 2>/dev/null
 s agent artifacts list local --output json > "$DIR/listed.json" || echo "LIST-FAILED"
-s agent artifacts verify local > "$DIR/verify1" 2>&1 || echo "VERIFY1-FAILED"
+s agent artifacts show local small.bin > "$DIR/shown" || echo "SHOW-FAILED"
+s agent artifacts verify local > "$DIR/verify1" 2>&1 && echo "VERIFY1-PASSED"
+rm "$MNT/filler"
 mount -o remount,size=64m "$MNT" || exit 98
 s agent artifacts upload local "$DIR/big.bin" >/dev/null 2>&1 || echo "RETRY-FAILED"
 s agent artifacts verify local > "$DIR/verify2" 2>&1 || echo "VERIFY2-FAILED"
@@ -92,13 +96,22 @@ s agent artifacts download local small.bin -o "$DIR/small.out" >/dev/null 2>&1 |
         assert!(out.contains("No space left on device"), "{context}");
         for failure in [
             "LIST-FAILED",
-            "VERIFY1-FAILED",
+            "SHOW-FAILED",
             "RETRY-FAILED",
             "VERIFY2-FAILED",
             "DOWNLOAD-FAILED",
         ] {
             assert!(!out.contains(failure), "{failure}: {context}");
         }
+        // With no room for SQLite's shared-memory index, verify cannot read metadata.db: it
+        // says so, and finds the content whole.
+        let verify1 = std::fs::read_to_string(dir.path().join("verify1")).unwrap();
+        assert!(!out.contains("VERIFY1-PASSED"), "{context}");
+        assert!(
+            verify1.contains("⚠ Projection: metadata.db: disk I/O error")
+                && verify1.contains("0 bad chunks, 0 damaged versions, 1 projection problem"),
+            "{verify1}"
+        );
         // No partial version: only small.bin was listed while the disk was full.
         let listed = std::fs::read_to_string(dir.path().join("listed.json")).unwrap();
         assert!(

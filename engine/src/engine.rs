@@ -138,7 +138,7 @@ impl Engine {
             meta: db.open_tree(META_TREE)?,
             by_time_all: db.open_tree(BY_TIME_ALL_TREE)?,
             by_time_latest: db.open_tree(BY_TIME_LATEST_TREE)?,
-            sqlite: SqliteProjection::open(&data_dir, config.layout)?,
+            sqlite: SqliteProjection::open(&data_dir, config.layout),
             layout: config.layout.then(|| Layout::new(&data_dir)),
             data_dir,
             agent: config.agent,
@@ -930,13 +930,14 @@ impl Engine {
         Ok(self.meta.get(GENERATION)?.map_or(0, |v| decode_u64(&v)))
     }
 
-    /// The catalog's generation, `metadata.db`'s, and its number of artifact rows.
-    pub(crate) fn projection_figures(&self) -> Result<(u64, Option<u64>, u64)> {
-        Ok((
-            self.generation()?,
-            self.sqlite.generation()?,
-            self.sqlite.rows()?,
-        ))
+    /// The catalog's generation; `metadata.db`'s with its number of artifact rows, or why the
+    /// file cannot be read (a problem of the projection, not of the catalog).
+    pub(crate) fn projection_figures(&self) -> Result<(u64, ProjectionFigures)> {
+        let projection = self
+            .sqlite
+            .generation()
+            .and_then(|g| Ok((g, self.sqlite.rows()?)));
+        Ok((self.generation()?, projection))
     }
 
     /// Applies one committed change to `metadata.db` with `update`, or rebuilds the file when
@@ -1093,9 +1094,8 @@ impl Engine {
         {
             tracing::info!("rebuilding metadata.db at generation {generation}");
             self.rebuild_sqlite(generation)?;
-        } else if self.sqlite.pending()? {
-            // Marked, but the catalog never committed the change: the file is current.
-            self.sqlite.clear_pending()?;
+        } else {
+            self.sqlite.confirm_current()?;
         }
         if let Some(layout) = &self.layout
             && layout.generation()? != Some(generation)
@@ -1108,6 +1108,9 @@ impl Engine {
         Ok(())
     }
 }
+
+/// `metadata.db`'s generation and number of artifact rows, or why it cannot be read.
+pub(crate) type ProjectionFigures = Result<(Option<u64>, u64)>;
 
 /// A version `verify --repair` marked damaged is never served.
 pub fn refuse_damaged(record: &ArtifactRecord) -> Result<()> {

@@ -41,6 +41,13 @@ impl ProjectedCatalog {
         }
     }
 
+    /// Whether `e`, from one of this type's queries, means the file could not answer (SQLite
+    /// failed, on a full disk say, or a value in it is corrupt) and the catalog must be asked
+    /// instead; any other error is the answer (not found, ambiguous).
+    pub fn cannot_answer(e: &Error) -> bool {
+        matches!(e, Error::Sqlite(_) | Error::CorruptRecord(_))
+    }
+
     fn try_open(data_dir: &Path, layout: bool) -> Result<Option<Self>> {
         let path = data_dir.join("metadata.db");
         if !path.is_file() {

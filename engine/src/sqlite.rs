@@ -129,21 +129,42 @@ DROP TABLE IF EXISTS artifacts;
 
 #[derive(Debug)]
 pub(crate) struct SqliteProjection {
-    conn: Mutex<Connection>,
+    /// `None` until the file could be opened: a disk too full for SQLite's shared-memory
+    /// index keeps it from opening, and must not keep the store from opening. Every use tries
+    /// again.
+    conn: Mutex<Option<Connection>>,
     data_dir: PathBuf,
     layout: bool,
-    /// An update failed since the last rebuild: the file lacks a change (see
-    /// `Engine::project_sqlite`).
+    /// The file may lack a change: an update failed since the last rebuild, or the engine has
+    /// not yet confirmed on open that the file is current. The next change then rebuilds the
+    /// file instead of updating it (see `Engine::project_sqlite`).
     behind: AtomicBool,
 }
 
 impl SqliteProjection {
-    /// Opens `metadata.db` in `data_dir`, creating it or bringing its schema up to date. A
-    /// file SQLite calls damaged is moved aside to `metadata.db.damaged` and started anew: it
-    /// is a projection, rebuilt from the catalog, and must never keep the store from opening.
-    pub(crate) fn open(data_dir: &Path, layout: bool) -> Result<Self> {
+    /// `metadata.db` in `data_dir`, opened now if it can be (see [`Self::connect`]); a file
+    /// that cannot is reported and tried again at its next use.
+    pub(crate) fn open(data_dir: &Path, layout: bool) -> Self {
+        let conn = Self::connect(data_dir)
+            .inspect_err(|e| {
+                // The engine's check on open reports it (a warning that the file is stale).
+                tracing::debug!("metadata.db cannot be opened now, will retry at its next use: {e}")
+            })
+            .ok();
+        Self {
+            conn: Mutex::new(conn),
+            data_dir: data_dir.to_path_buf(),
+            layout,
+            behind: AtomicBool::new(true),
+        }
+    }
+
+    /// Opens `metadata.db`, creating it or bringing its schema up to date. A file SQLite
+    /// calls damaged is moved aside to `metadata.db.damaged` and started anew: it is a
+    /// projection, rebuilt from the catalog, and must never keep the store from opening.
+    fn connect(data_dir: &Path) -> Result<Connection> {
         let path = data_dir.join("metadata.db");
-        let conn = match Self::connect(&path) {
+        match Self::connect_to(&path) {
             Err(Error::Sqlite(e))
                 if matches!(
                     e.sqlite_error_code(),
@@ -162,19 +183,13 @@ impl SqliteProjection {
                         std::fs::remove_file(&stale).map_err(at(&stale))?;
                     }
                 }
-                Self::connect(&path)?
+                Self::connect_to(&path)
             }
-            other => other?,
-        };
-        Ok(Self {
-            conn: Mutex::new(conn),
-            data_dir: data_dir.to_path_buf(),
-            layout,
-            behind: AtomicBool::new(false),
-        })
+            other => other,
+        }
     }
 
-    fn connect(path: &Path) -> Result<Connection> {
+    fn connect_to(path: &Path) -> Result<Connection> {
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -202,43 +217,48 @@ impl SqliteProjection {
         Ok(conn)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on the connection, opening the file first when it is not open yet.
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = match slot.take() {
+            Some(conn) => conn,
+            None => Self::connect(&self.data_dir)?,
+        };
+        f(slot.insert(conn))
+    }
+
+    /// Reads one `projection_meta` value.
+    fn meta(&self, key: &str) -> Result<Option<i64>> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT value FROM projection_meta WHERE key = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
     }
 
     /// The catalog generation this file reflects.
     pub(crate) fn generation(&self) -> Result<Option<u64>> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT value FROM projection_meta WHERE key = 'generation'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?
-            .map(|v| v as u64))
+        Ok(self.meta("generation")?.map(|v| v as u64))
     }
 
     /// Rows in the `artifacts` table.
     pub(crate) fn rows(&self) -> Result<u64> {
-        Ok(self
-            .lock()
-            .query_row("SELECT COUNT(*) FROM artifacts", [], |r| r.get::<_, i64>(0))?
-            as u64)
+        self.with(|conn| {
+            Ok(
+                conn.query_row("SELECT COUNT(*) FROM artifacts", [], |r| r.get::<_, i64>(0))?
+                    as u64,
+            )
+        })
     }
 
     /// Whether the layout was on when this file was last rebuilt (its `path` column depends
     /// on it), or `None` for a file from before this was recorded.
     pub(crate) fn layout_flag(&self) -> Result<Option<bool>> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT value FROM projection_meta WHERE key = 'layout'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?
-            .map(|v| v != 0))
+        Ok(self.meta("layout")?.map(|v| v != 0))
     }
 
     fn path_of(&self, r: &ArtifactRecord) -> String {
@@ -380,36 +400,29 @@ impl SqliteProjection {
     /// Step 1 of the pending-mark protocol (module docs): called before every catalog
     /// transaction; durable when it returns.
     pub(crate) fn mark_pending(&self) -> Result<()> {
-        let conn = self.lock();
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let marked = conn.execute(
-            "INSERT OR REPLACE INTO projection_meta (key, value) VALUES ('pending', 1)",
-            [],
-        );
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        marked?;
-        Ok(())
-    }
-
-    /// Clears the pending mark of a change the catalog never committed (found on open, with
-    /// the generations in agreement).
-    pub(crate) fn clear_pending(&self) -> Result<()> {
-        self.lock()
-            .execute("DELETE FROM projection_meta WHERE key = 'pending'", [])?;
-        Ok(())
-    }
-
-    /// Whether a change was marked pending and its projection update never happened.
-    pub(crate) fn pending(&self) -> Result<bool> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT 1 FROM projection_meta WHERE key = 'pending'",
+        self.with(|conn| {
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let marked = conn.execute(
+                "INSERT OR REPLACE INTO projection_meta (key, value) VALUES ('pending', 1)",
                 [],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+            );
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            marked?;
+            Ok(())
+        })
+    }
+
+    /// Confirms, on open, that the file holds the catalog at its generation: then a pending
+    /// mark is of a change the catalog never committed, and is cleared.
+    pub(crate) fn confirm_current(&self) -> Result<()> {
+        if self.meta("pending")?.is_some() {
+            self.with(|conn| {
+                conn.execute("DELETE FROM projection_meta WHERE key = 'pending'", [])?;
+                Ok(())
+            })?;
+        }
+        self.behind.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// One catalog change in one SQLite transaction: `apply` it, record its event, advance
@@ -420,15 +433,14 @@ impl SqliteProjection {
         generation: u64,
         apply: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<()>,
     ) -> Result<()> {
-        let mut conn = self.lock();
-        let result = (|| {
+        let result = self.with(|conn| {
             let tx = conn.transaction()?;
             apply(&tx)?;
             Self::put_event(&tx, event)?;
             Self::set_generation(&tx, generation)?;
             tx.commit()?;
             Ok(())
-        })();
+        });
         if result.is_err() {
             self.behind.store(true, Ordering::Release);
         }
@@ -447,8 +459,7 @@ impl SqliteProjection {
         events: &[Event],
         generation: u64,
     ) -> Result<()> {
-        let mut conn = self.lock();
-        let rebuilt = self.rebuild_in(&mut conn, records, events, generation);
+        let rebuilt = self.with(|conn| self.rebuild_in(conn, records, events, generation));
         self.behind.store(rebuilt.is_err(), Ordering::Release);
         rebuilt
     }

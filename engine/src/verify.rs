@@ -190,16 +190,19 @@ impl Engine {
     ) -> Result<(Vec<String>, Vec<ArtifactRecord>)> {
         let mut problems = Vec::new();
         let mut bad_objects = Vec::new();
-        let (generation, sqlite_generation, rows) = self.projection_figures()?;
-        if sqlite_generation != Some(generation) {
-            problems.push(format!(
-                "metadata.db is at generation {}, the catalog at {generation}",
-                sqlite_generation.map_or_else(|| "none".into(), |g| g.to_string())
-            ));
-        } else if rows != all {
-            problems.push(format!(
+        match self.projection_figures()? {
+            // The error names the file: "metadata.db: disk I/O error".
+            (_, Err(e)) => problems.push(e.to_string()),
+            (generation, Ok((sqlite_generation, _))) if sqlite_generation != Some(generation) => {
+                problems.push(format!(
+                    "metadata.db is at generation {}, the catalog at {generation}",
+                    sqlite_generation.map_or_else(|| "none".into(), |g| g.to_string())
+                ));
+            }
+            (_, Ok((_, rows))) if rows != all => problems.push(format!(
                 "metadata.db has {rows} artifact rows, the catalog {all} versions"
-            ));
+            )),
+            _ => {}
         }
         let newest = self.list(&ListQuery {
             stack: stack.map(str::to_owned),
