@@ -77,6 +77,56 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+
+    // Incompressible chunks (8 MiB of random bytes): the entropy check that skips zstd, and
+    // what trying zstd on them costs (the encoder before the check).
+    let random: Vec<u8> = (0u64..)
+        .flat_map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+        .take(8 << 20)
+        .collect();
+    let random_chunks: Vec<_> = Chunker::new(&random[..], params)
+        .map(|c| c.expect("in memory"))
+        .collect();
+    let mut g = c.benchmark_group("cas-random");
+    g.throughput(Throughput::Bytes(random.len() as u64));
+    g.sample_size(10);
+    g.bench_function("frame/encode/zstd3", |b| {
+        b.iter(|| {
+            random_chunks
+                .iter()
+                .map(|c| frame::encode(c, 3).len())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("frame/encode/zstd3-attempted", |b| {
+        b.iter(|| {
+            random_chunks
+                .iter()
+                .map(|c| {
+                    let compressed = zstd::bulk::compress(c, 3).expect("in memory");
+                    if compressed.len() < c.len() {
+                        compressed.len()
+                    } else {
+                        frame::encode_raw(c).len()
+                    }
+                })
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("frame/judge", |b| {
+        b.iter(|| {
+            random_chunks
+                .iter()
+                .filter(|c| frame::looks_incompressible(c))
+                .count()
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("cas");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.sample_size(10);
     let frames: Vec<_> = chunks
         .iter()
         .map(|c| (ChunkId::digest(c), frame::encode(c, 3)))

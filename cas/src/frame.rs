@@ -90,12 +90,16 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Encodes `chunk` as a frame: zstd at `level`, or raw when zstd does not shrink it.
+/// Encodes `chunk` as a frame: zstd at `level`, or raw when zstd does not shrink it or the
+/// chunk [looks incompressible](looks_incompressible) (then zstd is not tried).
 ///
 /// # Panics
 /// If `chunk` is longer than [`MAX_CHUNK_LEN`]; the chunker never produces such chunks.
 pub fn encode(chunk: &[u8], level: i32) -> Bytes {
     let len = frame_len(chunk);
+    if looks_incompressible(chunk) {
+        return encode_raw(chunk);
+    }
     COMPRESSOR.with(|cell| {
         let Encoder {
             zstd: slot,
@@ -123,6 +127,46 @@ pub fn encode(chunk: &[u8], level: i32) -> Bytes {
         frame.extend_from_slice(scratch);
         Bytes::from(frame)
     })
+}
+
+/// Bits per byte above which a chunk is stored raw without trying zstd: its entropy coder
+/// could save under 0.6% of such a chunk.
+const INCOMPRESSIBLE_BITS: f64 = 7.95;
+/// Chunks shorter than this are always tried: the sample would be too small to judge, and
+/// zstd is cheap on them.
+const MIN_JUDGED_LEN: usize = 32 << 10;
+/// The sample: the first 16 bytes of every `SAMPLE_STRIDE`.
+const SAMPLE_STRIDE: usize = 512;
+
+/// Whether `chunk` is already compressed or random data (an archive, an image, encrypted
+/// data), judged from a sample as ZFS's and btrfs's compression heuristics do: the Shannon
+/// entropy of the bytes at 16 of every 512 positions, with the Miller–Madow correction for
+/// the sample's size, is near 8 bits per byte. zstd would spend up to a sixth of an upload's
+/// CPU finding that out, and copying the chunk twice. The sample misses repeats farther apart
+/// than a few bytes inside high-entropy data (two copies of one compressed file within a
+/// chunk); such a chunk is stored raw, and chunking still deduplicates repeats larger than a
+/// chunk.
+pub fn looks_incompressible(chunk: &[u8]) -> bool {
+    if chunk.len() < MIN_JUDGED_LEN {
+        return false;
+    }
+    let mut counts = [0u32; 256];
+    let mut sampled = 0u32;
+    for window in chunk.chunks_exact(SAMPLE_STRIDE) {
+        for &byte in &window[..16] {
+            counts[usize::from(byte)] += 1;
+        }
+        sampled += 16;
+    }
+    let n = f64::from(sampled);
+    let (mut entropy, mut seen) = (0.0, 0u32);
+    for &count in counts.iter().filter(|&&c| c > 0) {
+        let p = f64::from(count) / n;
+        entropy -= p * p.log2();
+        seen += 1;
+    }
+    let correction = f64::from(seen - 1) / (2.0 * n * std::f64::consts::LN_2);
+    entropy + correction > INCOMPRESSIBLE_BITS
 }
 
 /// The length field of a frame for `chunk`, which must not exceed [`MAX_CHUNK_LEN`].
@@ -264,6 +308,54 @@ mod tests {
         assert_eq!(FrameHeader::parse(&frame).unwrap().codec, Codec::Raw);
         assert_eq!(frame.len(), HEADER_LEN + data.len());
         assert_eq!(decode(&ChunkId::digest(&data), &frame).unwrap(), &data[..]);
+    }
+
+    /// A reproducible stream of uniformly random bytes.
+    fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 32);
+        let mut block = 0u64;
+        while out.len() < len {
+            let mut hasher = blake3::Hasher::new();
+            hasher
+                .update(&seed.to_le_bytes())
+                .update(&block.to_le_bytes());
+            out.extend_from_slice(hasher.finalize().as_bytes());
+            block += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn only_high_entropy_chunks_skip_zstd() {
+        let random = random_bytes(256 << 10, 1);
+        assert!(looks_incompressible(&random));
+        // The smallest chunk the default chunker cuts (but the last).
+        assert!(looks_incompressible(&random[..64 << 10]));
+        // Too short to judge: zstd decides.
+        assert!(!looks_incompressible(&random[..MIN_JUDGED_LEN - 1]));
+        let text = b"fn main() { println!(\"sloth\"); }\n".repeat(8 << 10);
+        assert!(!looks_incompressible(&text));
+        // Random bytes drawn from 128 values: 7 bits each, and zstd saves an eighth.
+        let narrow: Vec<u8> = random.iter().map(|b| b & 0x7f).collect();
+        assert!(!looks_incompressible(&narrow));
+        assert!(encode(&narrow, 3).len() < narrow.len() * 15 / 16);
+        // Half random, half text: the text half is worth compressing.
+        let mut mixed = random[..128 << 10].to_vec();
+        mixed.extend_from_slice(&text[..128 << 10]);
+        assert!(!looks_incompressible(&mixed));
+        assert_eq!(
+            FrameHeader::parse(&encode(&mixed, 3)).unwrap().codec,
+            Codec::Zstd
+        );
+        // Whatever is judged, the frame reads back exact.
+        for data in [&random, &text, &narrow, &mixed] {
+            let frame = encode(data, 3);
+            assert_eq!(
+                &decode(&ChunkId::digest(data), &frame).unwrap()[..],
+                &data[..]
+            );
+        }
     }
 
     #[test]
