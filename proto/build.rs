@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Chunk frames and ids as `Bytes`: decoded without a copy, sent without one.
         .bytes(".sloth.artifacts.v1")
+        // Buffers sized before encoding (`src/codec.rs`).
+        .codec_path("crate::codec::SizedCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

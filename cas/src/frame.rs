@@ -136,11 +136,11 @@ const INCOMPRESSIBLE_BITS: f64 = 7.95;
 /// zstd is cheap on them.
 const MIN_JUDGED_LEN: usize = 32 << 10;
 /// The sample: the first 16 bytes of every `SAMPLE_STRIDE`.
-const SAMPLE_STRIDE: usize = 512;
+const SAMPLE_STRIDE: usize = 1024;
 
 /// Whether `chunk` is already compressed or random data (an archive, an image, encrypted
 /// data), judged from a sample as ZFS's and btrfs's compression heuristics do: the Shannon
-/// entropy of the bytes at 16 of every 512 positions, with the Miller–Madow correction for
+/// entropy of the bytes at 16 of every 1024 positions, with the Miller–Madow correction for
 /// the sample's size, is near 8 bits per byte. zstd would spend up to a sixth of an upload's
 /// CPU finding that out, and copying the chunk twice. The sample misses repeats farther apart
 /// than a few bytes inside high-entropy data (two copies of one compressed file within a

@@ -4,6 +4,8 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
+pub mod codec;
+
 /// The generated code, nested as the packages are, so that one file's references to another's
 /// types (`registry` uses `artifacts.StoreFigures`) resolve.
 pub mod sloth {
