@@ -2,15 +2,19 @@
 //! run: an agent served in this process on 127.0.0.1:0, a client talking gRPC to it.
 //!
 //! ```text
-//! cargo run --release -p sloth-benches --bin network -- [--size-mib N] [--file PATH] [--work DIR] [--remote-upload-only]
+//! cargo run --release -p sloth-benches --bin network -- [--size-mib N] [--file PATH] [--work DIR]
+//!     [--rounds N] [--only upload|reupload|download]
 //! ```
 //!
-//! `--remote-upload-only` runs just the first remote upload (for profiling it with `perf`).
+//! `--only PHASE` runs one remote phase alone, for profiling it with `perf`: `upload`, or
+//! `reupload` / `download`, which upload first, then pause 3 s (attach `perf record -p PID`).
 //!
 //! Prints MB/s for: local upload (ingest with the layout copy), local download (verified, to a
 //! file, fsynced); remote first upload, remote re-upload of identical content, remote download;
 //! and the ratios the agent issue sets targets for (remote ≥ 70% of local; re-upload ≥ 3× the
-//! first upload). Each store is fresh, so every first upload stores everything.
+//! first upload). Each store is fresh, so every first upload stores everything. `--rounds`
+//! (default 4) repeats all of it, alternating whether the local or the remote phases go first,
+//! and prints the ratios of each phase's median time.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -96,7 +100,8 @@ async fn main() -> Result<()> {
     let mut size_mib = 1024u64;
     let mut file: Option<PathBuf> = None;
     let mut work = std::env::temp_dir().join("sloth-network");
-    let mut remote_upload_only = false;
+    let mut only: Option<String> = None;
+    let mut rounds = 4;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -104,7 +109,8 @@ async fn main() -> Result<()> {
             "--size-mib" => size_mib = value()?.parse()?,
             "--file" => file = Some(value()?.into()),
             "--work" => work = value()?.into(),
-            "--remote-upload-only" => remote_upload_only = true,
+            "--rounds" => rounds = value()?.parse::<usize>()?.max(1),
+            "--only" => only = Some(value()?),
             "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
@@ -123,126 +129,249 @@ async fn main() -> Result<()> {
     let len = std::fs::metadata(&input)?.len();
     println!("input: {} ({len} bytes)", input.display());
     let key = ArtifactKey::new("bench.bin", Some("bench"), Some("network"))?;
-    let out_dir = tempfile::tempdir_in(&work)?;
 
-    if remote_upload_only {
-        return remote_upload(&input, &work, &key).await;
+    if let Some(phase) = only {
+        return remote_only(&input, &work, &key, &phase).await;
     }
-    // Local: the embedded store, as `sloth-runner agent artifacts upload local` uses it.
-    let local_dir = tempfile::tempdir_in(&work)?;
-    let local = Engine::open(local_dir.path(), EngineConfig::default()).await?;
-    let phase = Phase::start();
-    let record = local.upload_path(&key, &input, "bench").await?;
-    let (local_up, local_up_cores) = phase.end();
-    let phase = Phase::start();
-    local
-        .download_to(&record, &out_dir.path().join("local.bin"), "bench")
-        .await?;
-    let (local_down, local_down_cores) = phase.end();
-    drop(local);
-
-    // Remote: an agent on loopback with its own fresh store.
-    let agent_dir = tempfile::tempdir_in(&work)?;
-    let agent = InProcessAgent::start(agent_dir.path(), "bench-agent").await?;
-    let remote = agent.connect().await?;
-    let phase = Phase::start();
-    let first = remote
-        .upload(&key, std::fs::File::open(&input)?, None)
-        .await?;
-    let (remote_up, remote_up_cores) = phase.end();
-    let phase = Phase::start();
-    let again = remote
-        .upload(&key, std::fs::File::open(&input)?, None)
-        .await?;
-    let (remote_reup, remote_reup_cores) = phase.end();
-    let phase = Phase::start();
-    let down = remote
-        .download(
-            &Selector {
-                name: key.name.to_string(),
-                stack: Some(key.stack.to_string()),
-                task: Some(key.task.to_string()),
-                version: None,
-            },
-            &out_dir.path().join("remote.bin"),
-            None,
-        )
-        .await?;
-    let (remote_down, remote_down_cores) = phase.end();
-    agent.stop().await?;
-
-    println!(
-        "local  upload      {:8.1} MB/s  ({:.2} s, {:.2} cores)",
-        mbps(len, local_up),
-        local_up.as_secs_f64(),
-        local_up_cores
-    );
-    println!(
-        "local  download    {:8.1} MB/s  ({:.2} s, {:.2} cores)",
-        mbps(len, local_down),
-        local_down.as_secs_f64(),
-        local_down_cores
-    );
-    println!(
-        "remote upload      {:8.1} MB/s  ({:.2} s, {:.2} cores, {} of {} chunks sent, {} frame bytes)",
-        mbps(len, remote_up),
-        remote_up.as_secs_f64(),
-        remote_up_cores,
-        first.chunks_sent,
-        first.chunks,
-        first.bytes_sent
-    );
-    println!(
-        "remote re-upload   {:8.1} MB/s  ({:.2} s, {:.2} cores, {} of {} chunks sent, {} frame bytes)",
-        mbps(len, remote_reup),
-        remote_reup.as_secs_f64(),
-        remote_reup_cores,
-        again.chunks_sent,
-        again.chunks,
-        again.bytes_sent
-    );
-    println!(
-        "remote download    {:8.1} MB/s  ({:.2} s, {:.2} cores, {} frame bytes)",
-        mbps(len, remote_down),
-        remote_down.as_secs_f64(),
-        remote_down_cores,
-        down.bytes_received
-    );
-    let up_ratio = local_up.as_secs_f64() / remote_up.as_secs_f64();
-    let down_ratio = local_down.as_secs_f64() / remote_down.as_secs_f64();
-    let reup_ratio = remote_up.as_secs_f64() / remote_reup.as_secs_f64();
-    let mark = |ok: bool| if ok { "✔" } else { "✘" };
-    println!(
-        "remote upload / local upload        {:5.2}  (target ≥ 0.70) {}",
-        up_ratio,
-        mark(up_ratio >= 0.7)
-    );
-    println!(
-        "remote download / local download    {:5.2}  (target ≥ 0.70) {}",
-        down_ratio,
-        mark(down_ratio >= 0.7)
-    );
-    println!(
-        "re-upload / first upload            {:5.2}× (target ≥ 3)    {}",
-        reup_ratio,
-        mark(reup_ratio >= 3.0)
-    );
+    let mut all = Vec::new();
+    for round in 1..=rounds {
+        // Later phases run with more of the machine's memory holding written pages; even
+        // rounds run remote first, so that neither side always gets the better place.
+        let remote_first = round % 2 == 0;
+        println!(
+            "round {round}{}",
+            if remote_first { " (remote first)" } else { "" }
+        );
+        let figures = one_round(&input, &work, &key, remote_first).await?;
+        figures.print(len);
+        all.push(figures);
+    }
+    if rounds > 1 {
+        // The median time of each phase over all rounds, then the ratios of those.
+        let median = |pick: fn(&Round) -> (Duration, f64)| {
+            let mut v: Vec<f64> = all.iter().map(|r| pick(r).0.as_secs_f64()).collect();
+            v.sort_by(f64::total_cmp);
+            let mid = v.len() / 2;
+            if v.len() % 2 == 0 {
+                (v[mid - 1] + v[mid]) / 2.0
+            } else {
+                v[mid]
+            }
+        };
+        let (local_up, local_down) = (median(|r| r.local_up), median(|r| r.local_down));
+        let (remote_up, remote_reup, remote_down) = (
+            median(|r| r.remote_up),
+            median(|r| r.remote_reup),
+            median(|r| r.remote_down),
+        );
+        println!("median times over {rounds} rounds");
+        for (label, secs) in [
+            ("local  upload", local_up),
+            ("local  download", local_down),
+            ("remote upload", remote_up),
+            ("remote re-upload", remote_reup),
+            ("remote download", remote_down),
+        ] {
+            println!(
+                "  {label:<18}{:8.1} MB/s  ({secs:.2} s)",
+                len as f64 / 1e6 / secs
+            );
+        }
+        print_ratios(&[
+            local_up / remote_up,
+            local_down / remote_down,
+            remote_up / remote_reup,
+        ]);
+    }
     Ok(())
 }
 
-async fn remote_upload(input: &Path, work: &Path, key: &ArtifactKey) -> Result<()> {
+/// One round's timings: (wall, cores busy) per phase.
+struct Round {
+    local_up: (Duration, f64),
+    local_down: (Duration, f64),
+    remote_up: (Duration, f64),
+    remote_reup: (Duration, f64),
+    remote_down: (Duration, f64),
+    first: sloth_agent::client::Uploaded,
+    again: sloth_agent::client::Uploaded,
+    received: u64,
+}
+
+/// Local upload and download, remote upload, re-upload and download, each store fresh; the
+/// local pair first or (`remote_first`) last.
+async fn one_round(
+    input: &Path,
+    work: &Path,
+    key: &ArtifactKey,
+    remote_first: bool,
+) -> Result<Round> {
+    let out_dir = tempfile::tempdir_in(work)?;
+    let local = async {
+        // The embedded store, as `sloth-runner agent artifacts upload local` uses it.
+        let dir = tempfile::tempdir_in(work)?;
+        let local = Engine::open(dir.path(), EngineConfig::default()).await?;
+        let phase = Phase::start();
+        let record = local.upload_path(key, input, "bench").await?;
+        let up = phase.end();
+        let phase = Phase::start();
+        local
+            .download_to(&record, &out_dir.path().join("local.bin"), "bench")
+            .await?;
+        let down = phase.end();
+        // Not left to weigh on the memory of the phases after it.
+        std::fs::remove_file(out_dir.path().join("local.bin"))?;
+        drop(local);
+        anyhow::Ok((up, down))
+    };
+    let remote = async {
+        // An agent on loopback with its own fresh store.
+        let dir = tempfile::tempdir_in(work)?;
+        let agent = InProcessAgent::start(dir.path(), "bench-agent").await?;
+        let remote = agent.connect().await?;
+        let phase = Phase::start();
+        let first = remote
+            .upload(key, std::fs::File::open(input)?, None)
+            .await?;
+        let up = phase.end();
+        let phase = Phase::start();
+        let again = remote
+            .upload(key, std::fs::File::open(input)?, None)
+            .await?;
+        let reup = phase.end();
+        let phase = Phase::start();
+        let selector = Selector {
+            name: key.name.to_string(),
+            stack: Some(key.stack.to_string()),
+            task: Some(key.task.to_string()),
+            version: None,
+        };
+        let down = remote
+            .download(&selector, &out_dir.path().join("remote.bin"), None)
+            .await?;
+        let down_figures = phase.end();
+        std::fs::remove_file(out_dir.path().join("remote.bin"))?;
+        agent.stop().await?;
+        anyhow::Ok((up, reup, down_figures, first, again, down.bytes_received))
+    };
+    let ((local_up, local_down), (remote_up, remote_reup, remote_down, first, again, received)) =
+        if remote_first {
+            let remote = remote.await?;
+            (local.await?, remote)
+        } else {
+            let local = local.await?;
+            (local, remote.await?)
+        };
+    Ok(Round {
+        local_up,
+        local_down,
+        remote_up,
+        remote_reup,
+        remote_down,
+        first,
+        again,
+        received,
+    })
+}
+
+impl Round {
+    fn print(&self, len: u64) {
+        let line = |label: &str, (took, cores): (Duration, f64), extra: String| {
+            println!(
+                "  {label:<18}{:8.1} MB/s  ({:.2} s, {cores:.2} cores{extra})",
+                mbps(len, took),
+                took.as_secs_f64(),
+            );
+        };
+        line("local  upload", self.local_up, String::new());
+        line("local  download", self.local_down, String::new());
+        let sent = |u: &sloth_agent::client::Uploaded| {
+            format!(
+                ", {} of {} chunks sent, {} frame bytes",
+                u.chunks_sent, u.chunks, u.bytes_sent
+            )
+        };
+        line("remote upload", self.remote_up, sent(&self.first));
+        line("remote re-upload", self.remote_reup, sent(&self.again));
+        line(
+            "remote download",
+            self.remote_down,
+            format!(", {} frame bytes", self.received),
+        );
+        print_ratios(&self.ratios());
+    }
+
+    /// remote / local upload, remote / local download, first upload / re-upload (times).
+    fn ratios(&self) -> [f64; 3] {
+        let secs = |(took, _): (Duration, f64)| took.as_secs_f64();
+        [
+            secs(self.local_up) / secs(self.remote_up),
+            secs(self.local_down) / secs(self.remote_down),
+            secs(self.remote_up) / secs(self.remote_reup),
+        ]
+    }
+}
+
+fn print_ratios(&[up, down, reup]: &[f64; 3]) {
+    let mark = |ok: bool| if ok { "✔" } else { "✘" };
+    println!(
+        "  remote upload / local upload        {up:5.2}  (target ≥ 0.70) {}",
+        mark(up >= 0.7)
+    );
+    println!(
+        "  remote download / local download    {down:5.2}  (target ≥ 0.70) {}",
+        mark(down >= 0.7)
+    );
+    println!(
+        "  re-upload / first upload            {reup:5.2}× (target ≥ 3)    {}",
+        mark(reup >= 3.0)
+    );
+}
+
+/// One remote phase alone, for profiling: `upload`; or `reupload` / `download` after an
+/// unmeasured upload and a pause of 3 s in which a profiler can attach (`perf record -p PID`).
+async fn remote_only(input: &Path, work: &Path, key: &ArtifactKey, phase: &str) -> Result<()> {
+    if !["upload", "reupload", "download"].contains(&phase) {
+        bail!("--only takes upload, reupload or download, not '{phase}'");
+    }
     let agent_dir = tempfile::tempdir_in(work)?;
     let agent = InProcessAgent::start(agent_dir.path(), "bench-agent").await?;
     let remote = agent.connect().await?;
-    let phase = Phase::start();
+    let timed = Phase::start();
     remote
         .upload(key, std::fs::File::open(input)?, None)
         .await?;
-    let (took, cores) = phase.end();
+    let (took, cores) = timed.end();
     println!(
         "remote upload {:.2} s, {cores:.2} cores",
         took.as_secs_f64()
     );
+    if phase != "upload" {
+        println!("{phase} in 3 s (pid {})", std::process::id());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let out = tempfile::tempdir_in(work)?;
+        let timed = Phase::start();
+        if phase == "reupload" {
+            remote
+                .upload(key, std::fs::File::open(input)?, None)
+                .await?;
+        } else {
+            let selector = Selector {
+                name: key.name.to_string(),
+                stack: Some(key.stack.to_string()),
+                task: Some(key.task.to_string()),
+                version: None,
+            };
+            remote
+                .download(&selector, &out.path().join("remote.bin"), None)
+                .await?;
+        }
+        let (took, cores) = timed.end();
+        println!(
+            "remote {phase} {:.2} s, {cores:.2} cores",
+            took.as_secs_f64()
+        );
+    }
     agent.stop().await?;
     Ok(())
 }
