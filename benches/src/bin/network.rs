@@ -137,7 +137,7 @@ async fn main() -> Result<()> {
     for round in 1..=rounds {
         // Later phases run with more of the machine's memory holding written pages; even
         // rounds run remote first, so that neither side always gets the better place.
-        let remote_first = round % 2 == 0;
+        let remote_first = round.is_multiple_of(2);
         println!(
             "round {round}{}",
             if remote_first { " (remote first)" } else { "" }
@@ -152,7 +152,7 @@ async fn main() -> Result<()> {
             let mut v: Vec<f64> = all.iter().map(|r| pick(r).0.as_secs_f64()).collect();
             v.sort_by(f64::total_cmp);
             let mid = v.len() / 2;
-            if v.len() % 2 == 0 {
+            if v.len().is_multiple_of(2) {
                 (v[mid - 1] + v[mid]) / 2.0
             } else {
                 v[mid]
