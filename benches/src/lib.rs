@@ -27,6 +27,29 @@ pub fn du_sb(dir: &Path) -> Result<u64> {
         .with_context(|| format!("unexpected du output {text:?}"))
 }
 
+/// CPU time (user + system) of this process and, separately, of its children that have been
+/// waited for, from `/proc/self/stat` (in 10 ms ticks).
+pub fn cpu_times() -> (Duration, Duration) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime, stime, cutime, cstime are fields 14-17 of the file, 11-14 after the ')'; 100 Hz.
+    (
+        Duration::from_millis((ticks(11) + ticks(12)) * 10),
+        Duration::from_millis((ticks(13) + ticks(14)) * 10),
+    )
+}
+
 /// Megabytes (10^6 bytes) per second.
 pub fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9)

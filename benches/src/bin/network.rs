@@ -23,25 +23,6 @@ use anyhow::{Context, Result, bail};
 use sloth_benches::InProcessAgent;
 use sloth_engine::{ArtifactKey, Engine, EngineConfig, Selector};
 
-/// CPU time this process has used (user + system), from /proc/self/stat.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the file, 12 and 13 after the ')'; 100 Hz.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
 /// Times `f`, printing its wall-clock and CPU time.
 struct Phase {
     wall: Instant,
@@ -56,14 +37,14 @@ impl Phase {
         std::thread::sleep(Duration::from_millis(500));
         Self {
             wall: Instant::now(),
-            cpu: cpu_time(),
+            cpu: sloth_benches::cpu_times().0,
         }
     }
 
     /// (wall, cores busy on average)
     fn end(self) -> (Duration, f64) {
         let wall = self.wall.elapsed();
-        let cpu = cpu_time().saturating_sub(self.cpu);
+        let cpu = sloth_benches::cpu_times().0.saturating_sub(self.cpu);
         (wall, cpu.as_secs_f64() / wall.as_secs_f64())
     }
 }
