@@ -8,7 +8,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use crate::engine::resolve_with;
 use crate::layout::Layout;
-use crate::sqlite::SCHEMA_VERSION;
+use crate::sqlite::{SCHEMA_VERSION, meta_value};
 use crate::{ArtifactKey, ArtifactRecord, Error, Event, ListQuery, Result, Selector, glob_match};
 
 /// The columns [`record_of`] reads, in its order.
@@ -60,15 +60,7 @@ impl ProjectedCatalog {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // Every read from here on sees the snapshot the checks below see.
         conn.execute_batch("BEGIN")?;
-        let meta = |key: &str| -> Result<Option<i64>> {
-            Ok(conn
-                .query_row(
-                    "SELECT value FROM projection_meta WHERE key = ?1",
-                    params![key],
-                    |r| r.get(0),
-                )
-                .optional()?)
-        };
+        let meta = |key: &str| meta_value(&conn, key);
         let current = meta("schema")? == Some(SCHEMA_VERSION)
             && meta("generation")?.is_some()
             && meta("pending")?.is_none()

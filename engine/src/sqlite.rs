@@ -127,6 +127,17 @@ DROP TABLE IF EXISTS projection_meta;
 DROP TABLE IF EXISTS artifacts;
 ";
 
+/// One `projection_meta` value of the file `conn` has open.
+pub(crate) fn meta_value(conn: &Connection, key: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM projection_meta WHERE key = ?1",
+            params![key],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 #[derive(Debug)]
 pub(crate) struct SqliteProjection {
     /// `None` until the file could be opened: a disk too full for SQLite's shared-memory
@@ -229,15 +240,7 @@ impl SqliteProjection {
 
     /// Reads one `projection_meta` value.
     fn meta(&self, key: &str) -> Result<Option<i64>> {
-        self.with(|conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT value FROM projection_meta WHERE key = ?1",
-                    params![key],
-                    |r| r.get(0),
-                )
-                .optional()?)
-        })
+        self.with(|conn| meta_value(conn, key))
     }
 
     /// The catalog generation this file reflects.
