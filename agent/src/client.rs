@@ -559,21 +559,53 @@ impl Remote {
         reader: R,
         progress: Option<Progress>,
     ) -> Result<Uploaded> {
+        self.upload_rereadable(key, reader, None, progress).await
+    }
+
+    /// [`Remote::upload`] of a file's content, `file` being another handle to the file
+    /// `reader` reads. The whole-content digests are then computed only if the agent asks for
+    /// a chunk, from `file` (read from its start, alongside the upload): when the agent holds
+    /// every chunk, it needs no claim (see `Commit` in `artifacts.proto`), and a re-upload
+    /// costs only cutting and chunk ids. A file changed between the two reads fails the
+    /// commit's check, and nothing becomes visible.
+    pub async fn upload_rereadable<R: Read + Send + 'static>(
+        &self,
+        key: &ArtifactKey,
+        reader: R,
+        file: Option<std::fs::File>,
+        progress: Option<Progress>,
+    ) -> Result<Uploaded> {
         let mut session = UploadSession::begin(&self.conn, key).await?;
         let params = ChunkerParams::new(session.avg_chunk)
             .map_err(|e| Error::Protocol(format!("the agent's chunk size: {e}")))?;
         let level = session.zstd_level;
         let (batches_tx, batches_rx) = mpsc::channel(2);
-        let cutter = tokio::task::spawn_blocking(move || cut(reader, params, batches_tx, progress));
+        let eager = file.is_none();
+        let cutter =
+            tokio::task::spawn_blocking(move || cut(reader, params, batches_tx, progress, eager));
+        let rehash = std::sync::Mutex::new(Rehash::Idle(file));
         let sent = session
-            .offer_all(batches_rx, |batch, missing| compress(batch, missing, level))
+            .offer_all(batches_rx, |batch, missing| {
+                rehash.lock().unwrap_or_else(|e| e.into_inner()).start();
+                compress(batch, missing, level)
+            })
             .await;
         // The cutter's own error (the file could not be read) explains a failed upload best.
-        let digests = cutter
+        let (length, digests) = cutter
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;
         let (chunks, chunks_sent, bytes_sent) = sent?;
-        let record = session.commit(digests).await?;
+        let rehash = rehash.into_inner().unwrap_or_else(|e| e.into_inner());
+        let digests = match (digests, rehash.finish()?) {
+            (Some(digests), _) => Some(digests),
+            (None, Some((reread, _))) if reread != length => {
+                return Err(Error::Io(std::io::Error::other(format!(
+                    "the file changed while it was uploaded ({length} bytes read, then {reread})"
+                ))));
+            }
+            (None, rehashed) => rehashed.map(|(_, digests)| digests),
+        };
+        let record = session.commit(length, digests).await?;
         Ok(Uploaded {
             record,
             chunks,
@@ -617,7 +649,7 @@ impl Remote {
             .await;
         feeder.abort();
         let (chunks, chunks_sent, bytes_sent) = sent?;
-        let record = session.commit((length, digests)).await?;
+        let record = session.commit(length, Some(digests)).await?;
         Ok(Uploaded {
             record,
             chunks,
@@ -833,32 +865,40 @@ struct Batch {
 /// Raw bytes per batch: bounds what waits for the agent's answer.
 const BATCH_BYTES: usize = 8 << 20;
 
-/// Cuts `reader` into chunks, hashes them and sends them in batches; returns the content's
-/// length and digests.
+/// Cuts `reader` into chunks and sends them in batches with their ids; returns the content's
+/// length and, when `digests`, its whole-content digests. Three threads share the work: this
+/// one reads and cuts, one computes chunk ids and fills batches, one (when `digests`) hashes
+/// the whole content.
 fn cut<R: Read>(
     reader: R,
     params: ChunkerParams,
     batches: mpsc::Sender<Result<Batch>>,
     progress: Option<Progress>,
-) -> Result<(u64, ContentDigests)> {
+    digests: bool,
+) -> Result<(u64, Option<ContentDigests>)> {
     let (digest_tx, digest_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
-    let digester = std::thread::spawn(move || {
-        let mut hasher = ContentHasher::default();
-        for chunk in digest_rx {
-            hasher.update(&chunk);
-        }
-        (hasher.len(), hasher.finish())
+    let digester = digests.then(|| {
+        std::thread::spawn(move || {
+            let mut hasher = ContentHasher::default();
+            for chunk in digest_rx {
+                hasher.update(&chunk);
+            }
+            hasher.finish()
+        })
     });
-    let mut batch = Batch {
-        refs: Vec::new(),
-        data: Vec::new(),
+    let (id_tx, id_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let batcher = {
+        let failed = Arc::clone(&failed);
+        std::thread::spawn(move || batch_with_ids(id_rx, &batches, &failed))
     };
-    let mut batch_bytes = 0;
+    let mut length = 0u64;
     let mut result = Ok(());
     for chunk in Chunker::new(reader, params) {
         let chunk = match chunk {
             Ok(chunk) => chunk,
             Err(e) => {
+                failed.store(true, std::sync::atomic::Ordering::Release);
                 result = Err(Error::Cas(sloth_cas::Error::Input(e)));
                 break;
             }
@@ -866,9 +906,35 @@ fn cut<R: Read>(
         if let Some(progress) = &progress {
             progress(chunk.len() as u64);
         }
-        if digest_tx.send(chunk.clone()).is_err() {
+        length += chunk.len() as u64;
+        if digester.is_some() && digest_tx.send(chunk.clone()).is_err() {
             break;
         }
+        if id_tx.send(chunk).is_err() {
+            break; // the upload failed; it says why
+        }
+    }
+    drop((digest_tx, id_tx));
+    let panicked = |_| Error::Io(std::io::Error::other("a thread of the upload panicked"));
+    let digests = digester.map(|d| d.join()).transpose().map_err(panicked)?;
+    batcher.join().map_err(panicked)?;
+    result?;
+    Ok((length, digests))
+}
+
+/// Computes the id of each chunk `chunks` yields and sends them in batches; the last, partial
+/// batch is not sent when the cutting `failed` (the upload fails without it).
+fn batch_with_ids(
+    chunks: std::sync::mpsc::Receiver<Bytes>,
+    batches: &mpsc::Sender<Result<Batch>>,
+    failed: &std::sync::atomic::AtomicBool,
+) {
+    let empty = || Batch {
+        refs: Vec::new(),
+        data: Vec::new(),
+    };
+    let (mut batch, mut batch_bytes) = (empty(), 0);
+    for chunk in chunks {
         batch.refs.push(ChunkRef {
             id: ChunkId::digest(&chunk),
             len: chunk.len() as u32,
@@ -877,27 +943,69 @@ fn cut<R: Read>(
         batch.data.push(chunk);
         if batch.refs.len() == MAX_BATCH || batch_bytes >= BATCH_BYTES {
             batch_bytes = 0;
-            let full = std::mem::replace(
-                &mut batch,
-                Batch {
-                    refs: Vec::new(),
-                    data: Vec::new(),
-                },
-            );
-            if batches.blocking_send(Ok(full)).is_err() {
-                break; // the upload failed; it says why
+            if batches
+                .blocking_send(Ok(std::mem::replace(&mut batch, empty())))
+                .is_err()
+            {
+                return; // the upload failed; it says why
             }
         }
     }
-    drop(digest_tx);
-    let digests = digester
-        .join()
-        .map_err(|_| Error::Io(std::io::Error::other("the digest thread panicked")))?;
-    result?;
-    if !batch.refs.is_empty() {
+    if !batch.refs.is_empty() && !failed.load(std::sync::atomic::Ordering::Acquire) {
         let _ = batches.blocking_send(Ok(batch));
     }
-    Ok(digests)
+}
+
+/// The whole-content digests of an upload from a file, computed only once the agent asks for
+/// a chunk, by reading the file again from its start on a thread of their own.
+enum Rehash {
+    /// Not started; the file, when there is one to read again.
+    Idle(Option<std::fs::File>),
+    Running(std::thread::JoinHandle<std::io::Result<(u64, ContentDigests)>>),
+}
+
+impl Rehash {
+    /// Starts hashing, once; a no-op without a file (the cutter hashes eagerly then).
+    fn start(&mut self) {
+        if let Rehash::Idle(file) = self
+            && let Some(file) = file.take()
+        {
+            *self = Rehash::Running(std::thread::spawn(move || hash_file(&file)));
+        }
+    }
+
+    /// The length read and the digests, if hashing was started.
+    fn finish(self) -> Result<Option<(u64, ContentDigests)>> {
+        match self {
+            Rehash::Idle(_) => Ok(None),
+            Rehash::Running(thread) => Ok(Some(
+                thread
+                    .join()
+                    .map_err(|_| Error::Io(std::io::Error::other("the digest thread panicked")))?
+                    .map_err(Error::Io)?,
+            )),
+        }
+    }
+}
+
+/// Hashes `file` from its start to its end, with positioned reads (another handle reading
+/// the same file at the same time is not disturbed).
+fn hash_file(file: &std::fs::File) -> std::io::Result<(u64, ContentDigests)> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = ContentHasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = match file.read_at(&mut buf, at) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok((hasher.len(), hasher.finish()))
 }
 
 /// The frames of a local batch's missing chunks, compressed on the blocking pool.
@@ -1092,11 +1200,22 @@ impl UploadSession {
         Ok(counts)
     }
 
-    async fn commit(mut self, (length, digests): (u64, ContentDigests)) -> Result<ArtifactRecord> {
+    /// Commits the content, claiming its `digests` (`None` when no chunk was sent).
+    async fn commit(
+        mut self,
+        length: u64,
+        digests: Option<ContentDigests>,
+    ) -> Result<ArtifactRecord> {
+        let (sha256, blake3) = digests.map_or_else(Default::default, |d| {
+            (
+                Bytes::copy_from_slice(&d.sha256),
+                Bytes::copy_from_slice(&d.blake3),
+            )
+        });
         self.send(step(pb::upload_request::Step::Commit(pb::Commit {
             length,
-            sha256: Bytes::copy_from_slice(&digests.sha256),
-            blake3: Bytes::copy_from_slice(&digests.blake3),
+            sha256,
+            blake3,
         })))
         .await?;
         match next_message(&mut self.responses).await? {

@@ -124,6 +124,15 @@ pub(crate) fn chunk_id(bytes: &[u8]) -> Result<ChunkId> {
         .ok_or_else(|| Error::Protocol(format!("chunk id of {} bytes", bytes.len())))
 }
 
+/// A commit's claimed digests: both, or neither (both empty) for content the agent holds
+/// whole (see `Commit` in `artifacts.proto`).
+pub(crate) fn claimed_digests(sha256: &[u8], blake3: &[u8]) -> Result<Option<ContentDigests>> {
+    if sha256.is_empty() && blake3.is_empty() {
+        return Ok(None);
+    }
+    digests(sha256, blake3).map(Some)
+}
+
 pub(crate) fn digests(sha256: &[u8], blake3: &[u8]) -> Result<ContentDigests> {
     let sha256 = <[u8; 32]>::try_from(sha256)
         .map_err(|_| Error::Protocol("SHA-256 digest is not 32 bytes".into()))?;

@@ -920,7 +920,7 @@ async fn upload_session(
                 receiving.put(frames).await.map_err(|e| status(&e))?;
             }
             Some(Step::Commit(commit)) => {
-                let digests = convert::digests(&commit.sha256, &commit.blake3)
+                let digests = convert::claimed_digests(&commit.sha256, &commit.blake3)
                     .map_err(|e| protocol(e.to_string()))?;
                 let record = engine
                     .commit_received(&key, receiving, commit.length, digests, principal)

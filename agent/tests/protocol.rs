@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 struct Agent {
+    addr: std::net::SocketAddr,
     client: ArtifactsClient<tonic::transport::Channel>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<sloth_agent::Result<()>>,
@@ -40,6 +41,7 @@ impl Agent {
             .await
             .unwrap();
         Self {
+            addr,
             client,
             stop: Some(stop),
             server,
@@ -113,6 +115,15 @@ fn frames(id: ChunkId, content: &[u8]) -> Step {
     })
 }
 
+/// A commit that claims no digests: for content the agent holds whole.
+fn commit_unclaimed(data: &[u8]) -> Step {
+    Step::Commit(pb::Commit {
+        length: data.len() as u64,
+        sha256: Bytes::new(),
+        blake3: Bytes::new(),
+    })
+}
+
 fn commit(data: &[u8]) -> Step {
     let d = ContentDigests::of(data);
     Step::Commit(pb::Commit {
@@ -155,6 +166,7 @@ async fn lies_and_broken_conversations_leave_nothing() {
     let (other, offered_other, other_id) = fresh(1);
     let (other2, offered_other2, other2_id) = fresh(2);
     let (other3, offered_other3, other3_id) = fresh(3);
+    let (other4, offered_other4, other4_id) = fresh(4);
     // Same length as `other2`, one byte different.
     let mut flipped = other2.clone();
     flipped[0] ^= 1;
@@ -186,6 +198,31 @@ async fn lies_and_broken_conversations_leave_nothing() {
             vec![begin(), offered_other3, frames(other3_id, &other3)],
             tonic::Code::Cancelled,
             "nothing was stored",
+        ),
+        (
+            "a commit without digests after chunks were sent",
+            vec![
+                begin(),
+                offered_other4,
+                frames(other4_id, &other4),
+                commit_unclaimed(&other4),
+            ],
+            tonic::Code::InvalidArgument,
+            "claims no digests",
+        ),
+        (
+            "half a digest claim",
+            vec![
+                begin(),
+                offered.clone(),
+                Step::Commit(pb::Commit {
+                    length: data.len() as u64,
+                    sha256: Bytes::copy_from_slice(&ContentDigests::of(&data).sha256),
+                    blake3: Bytes::new(),
+                }),
+            ],
+            tonic::Code::InvalidArgument,
+            "BLAKE3 digest is not 32 bytes",
         ),
         (
             "no Begin",
@@ -246,7 +283,26 @@ async fn lies_and_broken_conversations_leave_nothing() {
         assert_eq!(err.code(), code, "{what}: {err:?}");
         assert!(err.message().contains(says), "{what}: {}", err.message());
     }
-    // The agent still serves, and holds only the honest upload.
+    // Content the agent holds whole needs no claim: its digests are the stored version's.
+    let again = agent
+        .upload(vec![begin(), offered.clone(), commit_unclaimed(&data)])
+        .await
+        .unwrap();
+    let Some(pb::upload_response::Step::Committed(committed)) =
+        again.last().and_then(|r| r.step.clone())
+    else {
+        panic!("an unclaimed re-upload was not committed: {again:?}");
+    };
+    let sha256: String = ContentDigests::of(&data)
+        .sha256
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        committed.artifact.unwrap().checksum,
+        format!("sha256:{sha256}")
+    );
+    // The agent still serves, and holds only the honest uploads.
     let listed = agent
         .client
         .list(pb::ListRequest {
@@ -256,6 +312,75 @@ async fn lies_and_broken_conversations_leave_nothing() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.artifacts.len(), 1);
-    assert_eq!(agent.stop().await, 1);
+    assert_eq!(listed.artifacts.len(), 2);
+    assert_eq!(agent.stop().await, 2);
+}
+
+/// Pseudo-random bytes (incompressible, so chunk boundaries fall everywhere).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_uploads_hash_only_what_the_agent_lacks_and_catch_a_changing_file() {
+    let agent = Agent::start().await;
+    let remote = sloth_agent::client::Remote::connect(
+        "test",
+        &sloth_agent::client::Link {
+            addr: agent.addr.to_string(),
+            ..sloth_agent::client::Link::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.bin");
+    let data = noise(3 << 20, 7);
+    std::fs::write(&path, &data).unwrap();
+    let key = sloth_engine::ArtifactKey::new("app.bin", Some("prod"), Some("build")).unwrap();
+    let upload = |reader: Vec<u8>| {
+        let (remote, key, path) = (&remote, &key, &path);
+        async move {
+            let again = std::fs::File::open(path).unwrap();
+            remote
+                .upload_rereadable(key, std::io::Cursor::new(reader), Some(again), None)
+                .await
+        }
+    };
+    let sha256 = |d: &[u8]| {
+        let digest = ContentDigests::of(d).sha256;
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    };
+    // First upload: chunks travel, so the file is hashed (read again) and claimed.
+    let first = upload(data.clone()).await.unwrap();
+    assert!(first.chunks_sent > 0);
+    assert_eq!(first.record.checksum, sha256(&data));
+    // Again: nothing travels, nothing is claimed, and the version carries the same checksum.
+    let again = upload(data.clone()).await.unwrap();
+    assert_eq!((again.chunks_sent, again.record.version), (0, 2));
+    assert_eq!(again.record.checksum, sha256(&data));
+    // The file changed after it was cut (the reader saw other bytes than the file now holds):
+    // the claim read from the file does not match the chunks, and nothing becomes visible.
+    let mut changed = data.clone();
+    changed[2 << 20] ^= 1;
+    let err = upload(changed).await.unwrap_err();
+    assert!(err.to_string().contains("sha256"), "{err}");
+    let listed = remote
+        .list(&sloth_engine::ListQuery {
+            all_versions: true,
+            ..sloth_engine::ListQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(agent.stop().await, 2);
 }

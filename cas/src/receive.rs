@@ -320,8 +320,21 @@ impl<S: ChunkStore, W> Receiver<S, W> {
     }
 
     /// Every chunk asked for arrived: waits for the assembler to finish the content and checks
-    /// it against the sender's `length` and `digests`. Returns the content staged for commit.
-    pub async fn finish(mut self, length: u64, digests: ContentDigests) -> Result<Received<W>> {
+    /// it against the sender's `length` and `claim`ed digests. Returns the content staged for
+    /// commit.
+    ///
+    /// A sender may claim no digests when the store had every chunk (it then need not hash the
+    /// content at all: a re-upload costs it only cutting and chunk ids). Every chunk was
+    /// verified against its id when it was stored, so the content is exactly these chunks and
+    /// its digests are theirs: those of `like` (say, the newest version of the same artifact)
+    /// when it has exactly this chunk list, else hashed here from the store. A sender that had
+    /// to send chunks must claim digests.
+    pub async fn finish(
+        mut self,
+        length: u64,
+        claim: Option<ContentDigests>,
+        like: Option<&Manifest>,
+    ) -> Result<Received<W>> {
         if let Some(id) = self.awaited.keys().next() {
             return Err(Error::Rejected(format!(
                 "{} chunks asked for never arrived (one is {id})",
@@ -329,36 +342,65 @@ impl<S: ChunkStore, W> Receiver<S, W> {
             )));
         }
         self.cas.store().sync().await?;
-        let manifest = Manifest::new(std::mem::take(&mut self.refs), digests);
-        if manifest.len() != length {
+        let refs = std::mem::take(&mut self.refs);
+        let total: u64 = refs.iter().map(|c| u64::from(c.len)).sum();
+        if total != length {
             return Err(Error::Rejected(format!(
-                "the chunks add up to {} bytes, the commit says {length}",
-                manifest.len()
+                "the chunks add up to {total} bytes, the commit says {length}"
             )));
         }
+        // `start` is still here when no chunk was missing (the assembler waits for one).
+        let nothing_missing = self.start.is_some();
+        let claim = match claim {
+            Some(claim) => Some(claim),
+            None if !nothing_missing => {
+                return Err(Error::Rejected(
+                    "the commit claims no digests, but chunks had to be sent: only content the \
+                     store holds whole may be committed without them"
+                        .into(),
+                ));
+            }
+            None => like
+                .filter(|m| m.chunks() == refs.as_slice())
+                .map(|m| *m.digests()),
+        };
         // Nothing was missing: if the store holds this very manifest, its digests were
         // verified against these chunks when it was stored, and the claim is proven.
-        let known = self.start.is_some() && self.cas.contains_manifest(manifest.id())?;
+        let known = match &claim {
+            Some(claim) if nothing_missing => self
+                .cas
+                .contains_manifest(Manifest::new(refs.clone(), *claim).id())?,
+            _ => false,
+        };
         self.start_assembling(!known);
         drop(self.slots);
-        let (out, written) = match self.assembler.await?? {
-            Assembled::Skipped(out) => (out, false),
-            Assembled::Whole(len, got, out) => {
-                if len != length || got.sha256 != digests.sha256 {
-                    return Err(Error::DigestMismatch {
-                        manifest: manifest.id(),
-                        algorithm: "sha256",
-                    });
+        let (out, written, digests) = match (self.assembler.await??, claim) {
+            (Assembled::Skipped(out), Some(claim)) => (out, false, claim),
+            (Assembled::Skipped(_), None) => {
+                return Err(Error::Task(
+                    "the assembler skipped unclaimed content".into(),
+                ));
+            }
+            (Assembled::Whole(len, got, out), claim) => {
+                // Named by the manifest the sender claimed.
+                let mismatch = |claim: &ContentDigests, algorithm| Error::DigestMismatch {
+                    manifest: Manifest::new(refs.clone(), *claim).id(),
+                    algorithm,
+                };
+                if len != length {
+                    return Err(Error::Rejected(format!(
+                        "the content assembled to {len} bytes, the commit says {length}"
+                    )));
                 }
-                if got.blake3 != digests.blake3 {
-                    return Err(Error::DigestMismatch {
-                        manifest: manifest.id(),
-                        algorithm: "blake3",
-                    });
+                match &claim {
+                    Some(c) if c.sha256 != got.sha256 => return Err(mismatch(c, "sha256")),
+                    Some(c) if c.blake3 != got.blake3 => return Err(mismatch(c, "blake3")),
+                    _ => {}
                 }
-                (out, true)
+                (out, true, got)
             }
         };
+        let manifest = Manifest::new(refs, digests);
         let stats = IngestStats {
             chunks: manifest.chunks().len() as u64,
             ..self.stats

@@ -39,7 +39,7 @@ async fn send(cas: &Cas, data: &[u8]) -> sloth_cas::Result<(sloth_cas::ManifestI
         receiver.put(wanted).await?;
     }
     let received = receiver
-        .finish(data.len() as u64, ContentDigests::of(data))
+        .finish(data.len() as u64, Some(ContentDigests::of(data)), None)
         .await?;
     if received.written {
         assert_eq!(received.out, data, "the assembled copy is the content");
@@ -75,7 +75,7 @@ fn received_content_reads_back_and_dedups() {
         let mut receiver = cas.receive(Vec::new());
         assert!(receiver.offer(&refs).await.unwrap().is_empty());
         let received = receiver
-            .finish(data.len() as u64, ContentDigests::of(&data))
+            .finish(data.len() as u64, Some(ContentDigests::of(&data)), None)
             .await
             .unwrap();
         assert!(!received.written);
@@ -83,7 +83,11 @@ fn received_content_reads_back_and_dedups() {
         let mut receiver = cas.receive(Vec::new());
         receiver.offer(&refs).await.unwrap();
         let lie = receiver
-            .finish(data.len() as u64, ContentDigests::of(b"something else"))
+            .finish(
+                data.len() as u64,
+                Some(ContentDigests::of(b"something else")),
+                None,
+            )
             .await
             .unwrap_err();
         assert!(matches!(lie, Error::DigestMismatch { .. }), "{lie}");
@@ -92,6 +96,66 @@ fn received_content_reads_back_and_dedups() {
         assert_eq!(
             (read_all(&cas, empty).await.unwrap(), sent),
             (Vec::new(), 0)
+        );
+    });
+}
+
+#[test]
+fn only_content_held_whole_may_be_committed_without_digests() {
+    runtime().block_on(async {
+        let cas = Cas::temporary(small_chunks()).unwrap();
+        let data = text_bytes(3, 300_000);
+        let (id, _) = send(&cas, &data).await.unwrap();
+        let stored = cas.manifest(id).await.unwrap();
+        let (refs, _) = cut(&cas, &data);
+        let len = data.len() as u64;
+        let unclaimed = |like: Option<sloth_cas::Manifest>| {
+            let (cas, refs) = (cas.clone(), refs.clone());
+            async move {
+                let mut receiver = cas.receive(Vec::new());
+                assert!(receiver.offer(&refs).await.unwrap().is_empty());
+                receiver.finish(len, None, like.as_ref()).await
+            }
+        };
+        // A version with the same chunk list lends its digests: nothing is read or hashed.
+        let received = unclaimed(Some(stored.clone())).await.unwrap();
+        assert!(!received.written);
+        assert_eq!(cas.commit(received.staged).await.unwrap(), id);
+        // Without one (identical content under another name), the store hashes its chunks.
+        let other = cas
+            .manifest(send(&cas, b"another content entirely").await.unwrap().0)
+            .await
+            .unwrap();
+        for like in [None, Some(other)] {
+            let received = unclaimed(like).await.unwrap();
+            assert!(received.written);
+            assert_eq!(received.out, data);
+            assert_eq!(cas.commit(received.staged).await.unwrap(), id);
+        }
+        // A chunk had to be sent: digests must be claimed, and nothing is committed.
+        let mut changed = data.clone();
+        changed[1000] ^= 1;
+        let (changed_refs, changed_frames) = cut(&cas, &changed);
+        let mut receiver = cas.receive(Vec::new());
+        let missing = receiver.offer(&changed_refs).await.unwrap();
+        assert!(!missing.is_empty());
+        let wanted = missing
+            .iter()
+            .map(|&i| {
+                (
+                    changed_refs[i as usize].id,
+                    changed_frames[i as usize].clone(),
+                )
+            })
+            .collect();
+        receiver.put(wanted).await.unwrap();
+        let refused = receiver
+            .finish(changed.len() as u64, None, Some(&stored))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("claims no digests"),
+            "{refused}"
         );
     });
 }
@@ -161,7 +225,7 @@ fn lies_are_rejected_and_leave_nothing_visible() {
         let mut receiver = cas.receive(Vec::new());
         receiver.offer(&refs).await.unwrap();
         let err = receiver
-            .finish(data.len() as u64, ContentDigests::of(&data))
+            .finish(data.len() as u64, Some(ContentDigests::of(&data)), None)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("never arrived"), "{err}");
@@ -178,7 +242,7 @@ fn lies_are_rejected_and_leave_nothing_visible() {
                 .map(|&i| (refs[i as usize].id, frames[i as usize].clone()))
                 .collect();
             receiver.put(wanted).await.unwrap();
-            assert!(receiver.finish(length, digests).await.is_err());
+            assert!(receiver.finish(length, Some(digests), None).await.is_err());
         }
 
         // Out-of-range lengths.

@@ -352,15 +352,21 @@ impl Store {
         }
     }
 
-    /// Uploads what `reader` yields as a new version of `key`.
+    /// Uploads what `reader` yields as a new version of `key`; `file`, another handle to the
+    /// file `reader` reads, lets a remote upload hash the content only when the agent lacks
+    /// some of it (see `Remote::upload_rereadable`).
     pub(crate) async fn upload<R: std::io::Read + Send + 'static>(
         &self,
         key: &ArtifactKey,
         reader: R,
+        file: std::fs::File,
     ) -> anyhow::Result<ArtifactRecord> {
         match self {
             Store::Local(engine) => Ok(engine.upload(key, reader, &principal()).await?),
-            Store::Remote(remote) => Ok(remote.upload(key, reader, None).await?.record),
+            Store::Remote(remote) => Ok(remote
+                .upload_rereadable(key, reader, Some(file), None)
+                .await?
+                .record),
         }
     }
 

@@ -149,8 +149,11 @@ pub(crate) async fn upload(
     )?;
     out.flush()?;
     let bar = progress::bar(len, &format!("Uploading {name}"));
+    let again = file
+        .try_clone()
+        .with_context(|| format!("cannot read '{shown}' twice"))?;
     let reader = progress::Counting::new(file, bar.clone());
-    let uploaded = store.upload(&key, reader).await;
+    let uploaded = store.upload(&key, reader, again).await;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

@@ -10,7 +10,9 @@
 //! `reupload` / `download`, which upload first, then pause 3 s (attach `perf record -p PID`).
 //!
 //! Prints MB/s for: local upload (ingest with the layout copy), local download (verified, to a
-//! file, fsynced); remote first upload, remote re-upload of identical content, remote download;
+//! file, fsynced); remote first upload, remote re-upload of identical content (both from a
+//! file, as the CLI uploads: digests are computed only when a chunk must travel), remote
+//! download;
 //! and the ratios the agent issue sets targets for (remote ≥ 70% of local; re-upload ≥ 3× the
 //! first upload). Each store is fresh, so every first upload stores everything. `--rounds`
 //! (default 4) repeats all of it, alternating whether the local or the remote phases go first,
@@ -212,12 +214,22 @@ async fn one_round(
         let remote = agent.connect().await?;
         let phase = Phase::start();
         let first = remote
-            .upload(key, std::fs::File::open(input)?, None)
+            .upload_rereadable(
+                key,
+                std::fs::File::open(input)?,
+                Some(std::fs::File::open(input)?),
+                None,
+            )
             .await?;
         let up = phase.end();
         let phase = Phase::start();
         let again = remote
-            .upload(key, std::fs::File::open(input)?, None)
+            .upload_rereadable(
+                key,
+                std::fs::File::open(input)?,
+                Some(std::fs::File::open(input)?),
+                None,
+            )
             .await?;
         let reup = phase.end();
         let phase = Phase::start();
@@ -320,7 +332,12 @@ async fn remote_only(input: &Path, work: &Path, key: &ArtifactKey, phase: &str) 
     let remote = agent.connect().await?;
     let timed = Phase::start();
     remote
-        .upload(key, std::fs::File::open(input)?, None)
+        .upload_rereadable(
+            key,
+            std::fs::File::open(input)?,
+            Some(std::fs::File::open(input)?),
+            None,
+        )
         .await?;
     let (took, cores) = timed.end();
     println!(
@@ -334,7 +351,12 @@ async fn remote_only(input: &Path, work: &Path, key: &ArtifactKey, phase: &str) 
         let timed = Phase::start();
         if phase == "reupload" {
             remote
-                .upload(key, std::fs::File::open(input)?, None)
+                .upload_rereadable(
+                    key,
+                    std::fs::File::open(input)?,
+                    Some(std::fs::File::open(input)?),
+                    None,
+                )
                 .await?;
         } else {
             let selector = Selector {
