@@ -169,6 +169,29 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Uploads the file at `input` as the CLI does: read once to cut, and again to hash only if
+/// a chunk must travel.
+async fn upload_file(
+    remote: &sloth_agent::client::Remote,
+    key: &ArtifactKey,
+    input: &Path,
+) -> Result<sloth_agent::client::Uploaded> {
+    let again = std::fs::File::open(input)?;
+    Ok(remote
+        .upload_rereadable(key, std::fs::File::open(input)?, Some(again), None)
+        .await?)
+}
+
+/// The newest version of `key`.
+fn newest(key: &ArtifactKey) -> Selector {
+    Selector {
+        name: key.name.to_string(),
+        stack: Some(key.stack.to_string()),
+        task: Some(key.task.to_string()),
+        version: None,
+    }
+}
+
 /// One round's timings: (wall, cores busy) per phase.
 struct Round {
     local_up: (Duration, f64),
@@ -213,34 +236,14 @@ async fn one_round(
         let agent = InProcessAgent::start(dir.path(), "bench-agent").await?;
         let remote = agent.connect().await?;
         let phase = Phase::start();
-        let first = remote
-            .upload_rereadable(
-                key,
-                std::fs::File::open(input)?,
-                Some(std::fs::File::open(input)?),
-                None,
-            )
-            .await?;
+        let first = upload_file(&remote, key, input).await?;
         let up = phase.end();
         let phase = Phase::start();
-        let again = remote
-            .upload_rereadable(
-                key,
-                std::fs::File::open(input)?,
-                Some(std::fs::File::open(input)?),
-                None,
-            )
-            .await?;
+        let again = upload_file(&remote, key, input).await?;
         let reup = phase.end();
         let phase = Phase::start();
-        let selector = Selector {
-            name: key.name.to_string(),
-            stack: Some(key.stack.to_string()),
-            task: Some(key.task.to_string()),
-            version: None,
-        };
         let down = remote
-            .download(&selector, &out_dir.path().join("remote.bin"), None)
+            .download(&newest(key), &out_dir.path().join("remote.bin"), None)
             .await?;
         let down_figures = phase.end();
         std::fs::remove_file(out_dir.path().join("remote.bin"))?;
@@ -331,14 +334,7 @@ async fn remote_only(input: &Path, work: &Path, key: &ArtifactKey, phase: &str) 
     let agent = InProcessAgent::start(agent_dir.path(), "bench-agent").await?;
     let remote = agent.connect().await?;
     let timed = Phase::start();
-    remote
-        .upload_rereadable(
-            key,
-            std::fs::File::open(input)?,
-            Some(std::fs::File::open(input)?),
-            None,
-        )
-        .await?;
+    upload_file(&remote, key, input).await?;
     let (took, cores) = timed.end();
     println!(
         "remote upload {:.2} s, {cores:.2} cores",
@@ -350,23 +346,10 @@ async fn remote_only(input: &Path, work: &Path, key: &ArtifactKey, phase: &str) 
         let out = tempfile::tempdir_in(work)?;
         let timed = Phase::start();
         if phase == "reupload" {
-            remote
-                .upload_rereadable(
-                    key,
-                    std::fs::File::open(input)?,
-                    Some(std::fs::File::open(input)?),
-                    None,
-                )
-                .await?;
+            upload_file(&remote, key, input).await?;
         } else {
-            let selector = Selector {
-                name: key.name.to_string(),
-                stack: Some(key.stack.to_string()),
-                task: Some(key.task.to_string()),
-                version: None,
-            };
             remote
-                .download(&selector, &out.path().join("remote.bin"), None)
+                .download(&newest(key), &out.path().join("remote.bin"), None)
                 .await?;
         }
         let (took, cores) = timed.end();
