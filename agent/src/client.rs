@@ -3,6 +3,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -584,9 +585,15 @@ impl Remote {
         let cutter =
             tokio::task::spawn_blocking(move || cut(reader, params, batches_tx, progress, eager));
         let rehash = std::sync::Mutex::new(Rehash::Idle(file));
+        // An upload that fails stops its re-hash (when it returns early, through this drop).
+        let stop_on_drop = StopOnDrop::default();
+        let stop = Arc::clone(&stop_on_drop.0);
         let sent = session
             .offer_all(batches_rx, |batch, missing| {
-                rehash.lock().unwrap_or_else(|e| e.into_inner()).start();
+                rehash
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .start(&stop);
                 compress(batch, missing, level)
             })
             .await;
@@ -748,10 +755,7 @@ impl Remote {
                     expected.id
                 )));
             }
-            received.fetch_add(
-                frame.data.len() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            received.fetch_add(frame.data.len() as u64, Ordering::Relaxed);
             Ok((expected, frame.data))
         })
         .map(|item| async move {
@@ -827,7 +831,7 @@ impl Remote {
         Ok(Downloaded {
             record,
             path,
-            bytes_received: received.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_received: received.load(Ordering::Relaxed),
         })
     }
 }
@@ -887,7 +891,7 @@ fn cut<R: Read>(
         })
     });
     let (id_tx, id_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
-    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed = Arc::new(AtomicBool::new(false));
     let batcher = {
         let failed = Arc::clone(&failed);
         std::thread::spawn(move || batch_with_ids(id_rx, &batches, &failed))
@@ -898,7 +902,7 @@ fn cut<R: Read>(
         let chunk = match chunk {
             Ok(chunk) => chunk,
             Err(e) => {
-                failed.store(true, std::sync::atomic::Ordering::Release);
+                failed.store(true, Ordering::Release);
                 result = Err(Error::Cas(sloth_cas::Error::Input(e)));
                 break;
             }
@@ -927,7 +931,7 @@ fn cut<R: Read>(
 fn batch_with_ids(
     chunks: std::sync::mpsc::Receiver<Bytes>,
     batches: &mpsc::Sender<Result<Batch>>,
-    failed: &std::sync::atomic::AtomicBool,
+    failed: &AtomicBool,
 ) {
     let empty = || Batch {
         refs: Vec::new(),
@@ -951,7 +955,7 @@ fn batch_with_ids(
             }
         }
     }
-    if !batch.refs.is_empty() && !failed.load(std::sync::atomic::Ordering::Acquire) {
+    if !batch.refs.is_empty() && !failed.load(Ordering::Acquire) {
         let _ = batches.blocking_send(Ok(batch));
     }
 }
@@ -965,12 +969,14 @@ enum Rehash {
 }
 
 impl Rehash {
-    /// Starts hashing, once; a no-op without a file (the cutter hashes eagerly then).
-    fn start(&mut self) {
+    /// Starts hashing, once, until done or `stop`ped; a no-op without a file (the cutter
+    /// hashes eagerly then).
+    fn start(&mut self, stop: &Arc<AtomicBool>) {
         if let Rehash::Idle(file) = self
             && let Some(file) = file.take()
         {
-            *self = Rehash::Running(std::thread::spawn(move || hash_file(&file)));
+            let stop = Arc::clone(stop);
+            *self = Rehash::Running(std::thread::spawn(move || hash_file(&file, &stop)));
         }
     }
 
@@ -988,14 +994,27 @@ impl Rehash {
     }
 }
 
+/// Sets its flag when dropped.
+#[derive(Default)]
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Hashes `file` from its start to its end, with positioned reads (another handle reading
-/// the same file at the same time is not disturbed).
-fn hash_file(file: &std::fs::File) -> std::io::Result<(u64, ContentDigests)> {
+/// the same file at the same time is not disturbed), unless `stop` is set first.
+fn hash_file(file: &std::fs::File, stop: &AtomicBool) -> std::io::Result<(u64, ContentDigests)> {
     use std::os::unix::fs::FileExt;
     let mut hasher = ContentHasher::default();
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     loop {
+        if stop.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("the upload stopped"));
+        }
         let n = match file.read_at(&mut buf, at) {
             Ok(0) => break,
             Ok(n) => n,
