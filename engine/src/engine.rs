@@ -281,9 +281,14 @@ impl Engine {
             .ok_or_else(|| Error::CorruptRecord("receive committed twice".into()))?;
         // Unclaimed content (the sender had nothing to send) is most often a re-upload of the
         // newest version: its manifest lends the digests when the chunk lists agree.
-        let like = match (&digests, self.versions(key)?.pop()) {
-            (None, Some(newest)) => self.cas.manifest(newest.manifest).await.ok(),
-            _ => None,
+        // Looked up only then: a claimed commit (every first upload) needs no catalog read.
+        let newest = match digests {
+            None => self.versions(key)?.pop(),
+            Some(_) => None,
+        };
+        let like = match newest {
+            Some(newest) => self.cas.manifest(newest.manifest).await.ok(),
+            None => None,
         };
         let received = receiver.finish(length, digests, like.as_ref()).await?;
         // The content is written into the copy unless the store already had it whole.
