@@ -3,7 +3,7 @@
 
 use std::io::Read;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use fastcdc::v2020::{self, Normalization};
 
 use crate::{Error, Result};
@@ -86,18 +86,22 @@ const MAX_SPARE_BLOCKS: usize = 4;
 
 /// Splits a byte stream into content-defined chunks without copying them one by one.
 ///
-/// Reads in large blocks into a shared buffer and hands out each chunk as a [`Bytes`] view of
-/// it, so the only copy is the tail carried over when a new block starts. Memory held is the
-/// current block, up to four spare blocks, and whatever chunks the caller still holds.
+/// Reads in large blocks and hands out each chunk as a [`Bytes`] view of its block, so the only
+/// copy is the tail carried over when a new block starts. A block is read with
+/// [`Read::read_to_end`] into a `Vec`'s spare capacity, which readers such as [`std::fs::File`]
+/// fill without zeroing it first. Memory held is the current block, up to four spare blocks,
+/// and whatever chunks the caller still holds.
 #[derive(Debug)]
 pub struct Chunker<R> {
     reader: R,
     params: ChunkerParams,
     masks: (u64, u64),
-    buf: BytesMut,
-    block: usize,
+    /// The block being cut; bytes from `pos` on have not been handed out yet.
+    block: Bytes,
+    pos: usize,
+    block_len: usize,
     /// Earlier blocks, reused once every chunk cut from them has been dropped.
-    spares: std::collections::VecDeque<BytesMut>,
+    spares: std::collections::VecDeque<Bytes>,
     eof: bool,
 }
 
@@ -105,68 +109,55 @@ impl<R: Read> Chunker<R> {
     /// A chunker over `reader`.
     pub fn new(reader: R, params: ChunkerParams) -> Self {
         let masks = v2020::select_masks(params.avg() as usize, NORMALIZATION);
-        let block = (params.max() as usize * 2).max(4 << 20);
+        let block_len = (params.max() as usize * 2).max(4 << 20);
         Self {
             reader,
             params,
             masks,
-            buf: BytesMut::new(),
-            block,
+            block: Bytes::new(),
+            pos: 0,
+            block_len,
             spares: std::collections::VecDeque::new(),
             eof: false,
         }
     }
 
-    /// Moves the unchunked tail into a fresh block: a recycled one whose chunks have all been
-    /// dropped when there is one, else a new allocation. Recycling matters: a new multi-MiB
-    /// block every few MiB of input cost page faults worth ~5% of ingest CPU.
-    fn next_block(&mut self) {
-        let mut next = None;
+    /// An empty buffer for the next block: a recycled one whose chunks have all been dropped
+    /// when there is one, else a new allocation. Recycling matters: a new multi-MiB block every
+    /// few MiB of input cost page faults worth ~5% of ingest CPU.
+    fn empty_block(&mut self) -> Vec<u8> {
         for _ in 0..self.spares.len() {
-            let mut spare = self.spares.pop_front().expect("counted");
+            let spare = self.spares.pop_front().expect("counted");
             // Succeeds only when no chunk cut from that block is alive any more.
-            if spare.try_reclaim(self.block) {
-                next = Some(spare);
-                break;
+            match spare.try_into_mut() {
+                Ok(mut block) => {
+                    block.clear();
+                    let block = Vec::from(block);
+                    if block.capacity() >= self.block_len {
+                        return block;
+                    }
+                }
+                Err(spare) => self.spares.push_back(spare),
             }
-            self.spares.push_back(spare);
         }
-        let mut next = next.unwrap_or_else(|| BytesMut::with_capacity(self.block));
-        next.extend_from_slice(&self.buf);
-        let mut old = std::mem::replace(&mut self.buf, next);
-        old.clear();
-        if self.spares.len() < MAX_SPARE_BLOCKS {
-            self.spares.push_back(old);
-        }
+        Vec::with_capacity(self.block_len)
     }
 
-    /// Reads until a whole maximum-size chunk is buffered or the input ends.
+    /// Unless a whole maximum-size chunk is buffered or the input has ended, moves the uncut
+    /// tail into a new block and reads until that block is full or the input ends.
     fn fill(&mut self) -> std::io::Result<()> {
-        let want = self.params.max() as usize;
-        while !self.eof && self.buf.len() < want {
-            if self.buf.capacity() - self.buf.len() < want {
-                self.next_block();
-            }
-            let start = self.buf.len();
-            self.buf.resize(self.buf.capacity(), 0);
-            let read = loop {
-                match self.reader.read(&mut self.buf[start..]) {
-                    Ok(n) => break Ok(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => break Err(e),
-                }
-            };
-            match read {
-                Ok(0) => {
-                    self.buf.truncate(start);
-                    self.eof = true;
-                }
-                Ok(n) => self.buf.truncate(start + n),
-                Err(e) => {
-                    self.buf.truncate(start);
-                    return Err(e);
-                }
-            }
+        if self.eof || self.block.len() - self.pos >= self.params.max() as usize {
+            return Ok(());
+        }
+        let mut next = self.empty_block();
+        next.extend_from_slice(&self.block[self.pos..]);
+        let room = (self.block_len - next.len()) as u64;
+        let read = (&mut self.reader).take(room).read_to_end(&mut next)?;
+        self.eof = (read as u64) < room;
+        let old = std::mem::replace(&mut self.block, Bytes::from(next));
+        self.pos = 0;
+        if self.spares.len() < MAX_SPARE_BLOCKS {
+            self.spares.push_back(old);
         }
         Ok(())
     }
@@ -179,12 +170,13 @@ impl<R: Read> Iterator for Chunker<R> {
         if let Err(e) = self.fill() {
             return Some(Err(e));
         }
-        if self.buf.is_empty() {
+        let rest = &self.block[self.pos..];
+        if rest.is_empty() {
             return None;
         }
         let (mask_s, mask_l) = self.masks;
         let (_, len) = v2020::cut(
-            &self.buf,
+            rest,
             self.params.min() as usize,
             self.params.avg() as usize,
             self.params.max() as usize,
@@ -193,7 +185,9 @@ impl<R: Read> Iterator for Chunker<R> {
             mask_s << 1,
             mask_l << 1,
         );
-        Some(Ok(self.buf.split_to(len).freeze()))
+        let chunk = self.block.slice(self.pos..self.pos + len);
+        self.pos += len;
+        Some(Ok(chunk))
     }
 }
 

@@ -248,6 +248,24 @@ impl PackStore {
     }
 }
 
+/// `len` bytes of `file` at `offset`, read straight into a new buffer's spare capacity: a
+/// zeroed buffer, as `read_exact_at` needs, cost ~2% of a verified read's CPU in `memset`.
+fn read_at(file: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The spare capacity may exceed `len`; what was read beyond it belongs to the next record.
+    buf.truncate(len);
+    Ok(buf)
+}
+
 fn pack_number(path: &Path) -> Option<u32> {
     if path.extension()? != "pack" {
         return None;
@@ -370,8 +388,7 @@ impl PackInner {
 
     fn read_frame(&self, id: ChunkId, loc: Loc) -> Result<Bytes> {
         let file = self.reader(loc.pack)?;
-        let mut record = vec![0u8; loc.record_len() as usize];
-        file.read_exact_at(&mut record, loc.offset)?;
+        let record = read_at(&file, loc.record_len() as usize, loc.offset)?;
         if record[..32] != id.as_bytes()[..] {
             return Err(Error::CorruptChunk {
                 id,
