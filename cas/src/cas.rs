@@ -427,6 +427,34 @@ impl<S: ChunkStore> Cas<S> {
         reader: R,
         options: IngestOptions,
     ) -> Result<Staged> {
+        self.ingest_inner(reader, options, None).await
+    }
+
+    /// [`Cas::ingest_reader_with`] that also writes the content into `copy` as it is cut, on
+    /// the thread that reads it. A failed write fails the ingest ([`Error::Output`]).
+    ///
+    /// Unlike a reader that copies what passes through it, this leaves the chunker reading
+    /// straight into uninitialised buffers (see [`Chunker`]).
+    pub async fn ingest_reader_copying<R, W>(
+        &self,
+        reader: R,
+        options: IngestOptions,
+        copy: W,
+    ) -> Result<Staged>
+    where
+        R: Read + Send + 'static,
+        W: std::io::Write + Send + 'static,
+    {
+        self.ingest_inner(reader, options, Some(Box::new(copy)))
+            .await
+    }
+
+    async fn ingest_inner<R: Read + Send + 'static>(
+        &self,
+        reader: R,
+        options: IngestOptions,
+        mut copy: Option<Box<dyn std::io::Write + Send>>,
+    ) -> Result<Staged> {
         let level = options.compress.then_some(self.inner.config.zstd_level);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.inner.config.concurrency);
         let params = self.inner.params;
@@ -444,6 +472,9 @@ impl<S: ChunkStore> Cas<S> {
         let cutter = tokio::task::spawn_blocking(move || {
             for chunk in Chunker::new(reader, params) {
                 let chunk = chunk.map_err(Error::Input)?;
+                if let Some(copy) = copy.as_mut() {
+                    copy.write_all(&chunk).map_err(Error::Output)?;
+                }
                 if digest_tx.send(chunk.clone()).is_err() || tx.blocking_send(chunk).is_err() {
                     break; // a consumer failed and reports why
                 }

@@ -224,18 +224,18 @@ impl Engine {
                 // The copy starts going to disk while the ingest runs once the ingest has met
                 // a new chunk (then the layout cannot have this content, and the copy stays).
                 let stored_new = Arc::new(AtomicBool::new(false));
-                let tee = Tee {
-                    inner: reader,
-                    copy: SyncBehind::armed_by(
-                        file.try_clone().map_err(at(path))?,
-                        Arc::clone(&stored_new),
-                    ),
-                };
+                let copy = LayoutCopy(SyncBehind::armed_by(
+                    file.try_clone().map_err(at(path))?,
+                    Arc::clone(&stored_new),
+                ));
                 let options = IngestOptions {
                     stored_new: Some(stored_new),
                     ..options
                 };
-                let staged = self.cas.ingest_reader_with(tee, options).await?;
+                let staged = self
+                    .cas
+                    .ingest_reader_copying(reader, options, copy)
+                    .await?;
                 self.sync_copy_unless_known(path, file, staged.manifest().id())?;
                 staged
             }
@@ -1213,23 +1213,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Copies everything read through it into a file.
-struct Tee<R> {
-    inner: R,
-    copy: SyncBehind,
-}
+/// The layout's copy of an upload, written as the ingest cuts the content; a failed write
+/// says what was being written.
+struct LayoutCopy(SyncBehind);
 
-impl<R: std::io::Read> std::io::Read for Tee<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::io::Write as _;
-        let n = self.inner.read(buf)?;
-        self.copy.write_all(&buf[..n]).map_err(|e| {
+impl std::io::Write for LayoutCopy {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("writing the layout copy in objects/ failed: {e}"),
             )
-        })?;
-        Ok(n)
+        })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
