@@ -12,6 +12,7 @@ bin=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps | python3 
 cargo build --release -q -p sloth-cli -p sloth-benches --bin sloth-runner --bin e2e
 size=$(stat -c %s "$file")
 seconds() { /usr/bin/time -f %e "$@" 2>&1 >/dev/null | tail -1; }
+grep -E '^(MemTotal|MemFree|Cached):' /proc/meminfo | tr -s ' ' | paste -sd ' '
 echo "round  store-ingest  cli-upload  ratio   store-read  cli-download  ratio   (MB/s)"
 for round in $(seq "$rounds"); do
     rm -rf "$work" && mkdir -p "$work"

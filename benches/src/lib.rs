@@ -50,6 +50,26 @@ pub fn cpu_times() -> (Duration, Duration) {
     )
 }
 
+/// The machine's memory at this moment, from `/proc/meminfo`: free, held by the page cache,
+/// and total. On this VM a write into the page cache costs about twice the CPU (and a copy
+/// into it up to five times) when the cache has filled memory and each new page must first be
+/// reclaimed, so a figure means little without this beside it (see `docs/benchmarks.md`).
+pub fn memory_condition() -> String {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let gib = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(f64::NAN, |kib| kib as f64 / (1u64 << 20) as f64)
+    };
+    format!(
+        "memory: {:.1} GiB free, {:.1} GiB page cache, of {:.1} GiB",
+        gib("MemFree"),
+        gib("Cached"),
+        gib("MemTotal")
+    )
+}
+
 /// Megabytes (10^6 bytes) per second.
 pub fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9)

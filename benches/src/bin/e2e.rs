@@ -204,6 +204,7 @@ async fn main() -> Result<()> {
         cfg.zstd_level,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    println!("{}", sloth_benches::memory_condition());
 
     // (b) compressible input and the zstd baseline on the same file, in this run.
     let text = match &args.text {

@@ -111,6 +111,7 @@ async fn main() -> Result<()> {
     };
     let len = std::fs::metadata(&input)?.len();
     println!("input: {} ({len} bytes)", input.display());
+    println!("{}", sloth_benches::memory_condition());
     let key = ArtifactKey::new("bench.bin", Some("bench"), Some("network"))?;
 
     if let Some(phase) = only {
