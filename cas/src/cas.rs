@@ -13,7 +13,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::chunker::Chunker;
-use crate::manifest::{ChunkRef, ContentHasher};
+use crate::manifest::{ChunkRef, ContentCheck, ContentHasher};
 use crate::pack::PackStore;
 use crate::pool::CpuPool;
 use crate::sink::ContentSink;
@@ -622,22 +622,23 @@ impl<S: ChunkStore> Cas<S> {
             .buffered(depth)
     }
 
-    /// Writes the content of manifest `id` to `out`, verifying every chunk and then the whole
-    /// SHA-256, BLAKE3 and length. Returns the bytes written.
+    /// Writes the content of manifest `id` to `out`, verifying every chunk against its id and
+    /// then the whole content's length and SHA-256 ([`ContentCheck`]). Returns the bytes
+    /// written.
     ///
     /// On error some bytes may already have been written: callers that must not expose partial
     /// content write to a temporary file and rename it only on success.
     pub async fn read_to<W: AsyncWrite + Unpin>(&self, id: ManifestId, out: &mut W) -> Result<u64> {
         let manifest = self.manifest(id).await?;
-        let mut hasher = ContentHasher::default();
+        let mut check = ContentCheck::default();
         let mut chunks = std::pin::pin!(self.read_chunks(&manifest));
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
-            hasher.update(&chunk);
+            check.update(&chunk);
             out.write_all(&chunk).await.map_err(Error::Output)?;
         }
         out.flush().await.map_err(Error::Output)?;
-        verify_whole(id, &manifest, hasher)
+        verify_whole(id, &manifest, check)
     }
 
     /// [`Cas::read_to`] into a blocking writer (a file), which then runs on its own thread
@@ -653,7 +654,7 @@ impl<S: ChunkStore> Cas<S> {
     }
 
     /// Writes the content `manifest` describes to `out`, verifying each chunk and then the
-    /// whole content against the manifest's length and digests (computed beside the writing,
+    /// whole content against the manifest's length and SHA-256 (computed beside the writing,
     /// see [`ContentSink`]).
     pub(crate) async fn write_verified<W: std::io::Write + Send + 'static>(
         &self,
@@ -680,8 +681,8 @@ impl<S: ChunkStore> Cas<S> {
         if let Some(e) = failed {
             return Err(e);
         }
-        let (out, hasher) = finished.map_err(Error::Output)?;
-        Ok((verify_whole(manifest.id(), manifest, hasher)?, out))
+        let (out, check) = finished.map_err(Error::Output)?;
+        Ok((verify_whole(manifest.id(), manifest, check)?, out))
     }
 
     /// Deletes every chunk that no manifest references and no ingest in flight has leased,
@@ -1008,20 +1009,13 @@ impl<S: ChunkStore> Cas<S> {
     }
 }
 
-/// Checks what was read against the manifest's length and whole-content digests.
-fn verify_whole(id: ManifestId, manifest: &Manifest, hasher: ContentHasher) -> Result<u64> {
-    let len = hasher.len();
-    let digests = hasher.finish();
-    if len != manifest.len() || digests.sha256 != manifest.digests().sha256 {
+/// Checks what was read against the manifest's length and SHA-256.
+fn verify_whole(id: ManifestId, manifest: &Manifest, check: ContentCheck) -> Result<u64> {
+    let len = check.len();
+    if len != manifest.len() || check.sha256() != manifest.digests().sha256 {
         return Err(Error::DigestMismatch {
             manifest: id,
             algorithm: "sha256",
-        });
-    }
-    if digests.blake3 != manifest.digests().blake3 {
-        return Err(Error::DigestMismatch {
-            manifest: id,
-            algorithm: "blake3",
         });
     }
     Ok(len)

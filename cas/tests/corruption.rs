@@ -117,3 +117,55 @@ async fn truncated_pack_is_reported_not_served() {
     assert!(err.to_string().contains("truncated"), "{err}");
     assert_eq!(cas.scrub().await.unwrap().bad_chunks.len(), 1);
 }
+
+/// The whole-content check of a read is the manifest's length and SHA-256: a manifest whose
+/// recorded SHA-256 is wrong fails every verified read, although each chunk matches its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_whose_sha256_lies_fails_every_read() {
+    let cas = Cas::temporary(small_chunks()).unwrap();
+    let data = text_bytes(21, 150_000);
+    let id = cas
+        .commit(cas.ingest_bytes(data.clone()).await.unwrap())
+        .await
+        .unwrap();
+    let honest = cas.manifest(id).await.unwrap();
+    let mut digests = *honest.digests();
+    digests.sha256[0] ^= 1;
+    let lying = sloth_cas::Manifest::new(honest.chunks().to_vec(), digests);
+    cas.db()
+        .open_tree("manifests")
+        .unwrap()
+        .insert(id.as_bytes(), lying.encode())
+        .unwrap();
+
+    let mut out = Vec::new();
+    let err = cas.read_to(id, &mut out).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DigestMismatch {
+                algorithm: "sha256",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = cas.read_to_writer(id, Vec::new()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DigestMismatch {
+                algorithm: "sha256",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Each chunk is sound: the chunk stream alone reads back the content.
+    let chunks: Vec<_> = cas.read_chunks(&lying).collect().await;
+    let content: Vec<u8> = chunks
+        .into_iter()
+        .flat_map(|c| c.unwrap().to_vec())
+        .collect();
+    assert_eq!(content, data);
+}
