@@ -53,39 +53,35 @@ impl ContentDigests {
     }
 }
 
-/// Computes [`ContentDigests`] over data fed in pieces.
+/// Computes [`ContentDigests`] over data fed in pieces: a [`ContentCheck`] plus BLAKE3.
 #[derive(Debug, Clone, Default)]
 pub struct ContentHasher {
     blake3: blake3::Hasher,
-    sha256: sha2::Sha256,
-    len: u64,
+    check: ContentCheck,
 }
 
 impl ContentHasher {
     /// Feeds the next piece of content.
     pub fn update(&mut self, data: &[u8]) {
-        use sha2::Digest as _;
         self.blake3.update(data);
-        self.sha256.update(data);
-        self.len += data.len() as u64;
+        self.check.update(data);
     }
 
     /// Bytes fed so far.
     pub fn len(&self) -> u64 {
-        self.len
+        self.check.len()
     }
 
     /// Whether nothing has been fed.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.check.is_empty()
     }
 
     /// The digests of everything fed.
     pub fn finish(self) -> ContentDigests {
-        use sha2::Digest as _;
         ContentDigests {
             blake3: *self.blake3.finalize().as_bytes(),
-            sha256: self.sha256.finalize().into(),
+            sha256: self.check.sha256(),
         }
     }
 }
