@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use sloth_cas::ChunkStore;
-use sloth_engine::{ArtifactKey, ArtifactRecord, Engine, ListQuery, Name, Selector};
+use sloth_engine::{ArtifactKey, ArtifactRecord, Engine, ListQuery, Name, SETTLE_EVERY, Selector};
 use sloth_proto::artifacts::{self as pb, agent_server, artifacts_server};
 use sloth_proto::registry as reg;
 use tokio::sync::mpsc;
@@ -198,6 +198,7 @@ pub async fn serve(
         config.retention.clone(),
         config.policy_dir.clone(),
     );
+    let settler = tokio::spawn(settle_on_schedule(Arc::clone(&engine)));
     let verifier = config.verify.map(|(every, repair)| {
         tokio::spawn(crate::retention::verify_on_schedule(
             Arc::clone(&engine),
@@ -270,6 +271,7 @@ pub async fn serve(
     if let Some(task) = verifier {
         task.abort();
     }
+    settler.abort();
     let _ = stop_tx.send(true);
     if let Some(task) = metrics_server {
         let _ = task.await;
@@ -277,7 +279,23 @@ pub async fn serve(
     result.map_err(|e| Error::Remote(format!("server failed: {}", chain(&e))))?;
     // The engine's last clones are dropped with the server: flush what it holds.
     engine.cas().flush().await?;
+    if let Err(e) = engine.settle_layout().await {
+        tracing::warn!("syncing the layout's new objects failed (the next start retries): {e}");
+    }
     Ok(())
+}
+
+/// Makes the layout objects uploads named unsynced durable every [`SETTLE_EVERY`], so that a
+/// machine crash leaves at most that much of the layout to write again.
+async fn settle_on_schedule(engine: Arc<Engine>) {
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + SETTLE_EVERY, SETTLE_EVERY);
+    loop {
+        ticker.tick().await;
+        if let Err(e) = engine.settle_layout().await {
+            tracing::warn!("syncing the layout's new objects failed (retried later): {e}");
+        }
+    }
 }
 
 /// The address sent to the master.

@@ -36,18 +36,11 @@ pub struct IngestOptions {
     /// Compress new chunks with zstd at the store's level (default). Off stores them raw, for
     /// content known not to compress; chunks the store already has keep their stored form.
     pub compress: bool,
-    /// Set to `true` as soon as the ingest stores a chunk the store lacked: from then on the
-    /// content is certainly new to the store (a copy of it being written elsewhere is worth
-    /// making durable early).
-    pub stored_new: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for IngestOptions {
     fn default() -> Self {
-        Self {
-            compress: true,
-            stored_new: None,
-        }
+        Self { compress: true }
     }
 }
 
@@ -483,14 +476,7 @@ impl<S: ChunkStore> Cas<S> {
         });
         let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let stored: Result<Vec<_>> = chunks
-            .map(|chunk| {
-                store_chunk(
-                    Arc::clone(&self.inner),
-                    chunk,
-                    level,
-                    options.stored_new.clone(),
-                )
-            })
+            .map(|chunk| store_chunk(Arc::clone(&self.inner), chunk, level))
             .buffered(self.inner.config.concurrency)
             .try_collect()
             .await;
@@ -1027,7 +1013,6 @@ async fn store_chunk<S: ChunkStore>(
     inner: Arc<Inner<S>>,
     chunk: Bytes,
     level: Option<i32>,
-    stored_new: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<(ChunkRef, Lease, Option<u64>)> {
     let (id, chunk) = inner
         .cpu
@@ -1050,9 +1035,6 @@ async fn store_chunk<S: ChunkStore>(
         .await?;
     let frame_len = frame.len() as u64;
     inner.chunks.put_many(vec![(id, frame)]).await?;
-    if let Some(flag) = stored_new {
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
     Ok((chunk_ref, lease, Some(frame_len)))
 }
 

@@ -526,6 +526,14 @@ fn reupload_and_resumed_upload_send_only_what_is_missing() {
         "back/",
     ]);
     assert!(std::fs::read(net.path("back/other.bin")).unwrap() == other);
+
+    // The layout's objects the uploads named before their bytes were synced are synced when
+    // the agent stops (see engine/src/layout.rs).
+    agent.stop();
+    assert!(
+        !net.path("store-data/objects/.unsynced").exists(),
+        "a stopped agent left layout objects unsynced"
+    );
 }
 
 fn token_line(token: &str, scopes: &str, principal: &str) -> String {

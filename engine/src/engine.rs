@@ -2,8 +2,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
@@ -147,7 +145,11 @@ impl Engine {
         };
         engine.build_time_indexes()?;
         match &engine.layout {
-            Some(layout) => layout.sweep_leftovers()?,
+            Some(layout) => {
+                layout.sweep_leftovers()?;
+                // A failure leaves the list for the next open; the layout stays as it is.
+                warn_stale(layout.settle());
+            }
             None => Layout::new(&engine.data_dir).remove_if_present()?,
         }
         engine.repair_projections().await?;
@@ -221,17 +223,7 @@ impl Engine {
     ) -> Result<ArtifactRecord> {
         let staged = match copy {
             Some((path, file)) => {
-                // The copy starts going to disk while the ingest runs once the ingest has met
-                // a new chunk (then the layout cannot have this content, and the copy stays).
-                let stored_new = Arc::new(AtomicBool::new(false));
-                let copy = LayoutCopy(SyncBehind::armed_by(
-                    file.try_clone().map_err(at(path))?,
-                    Arc::clone(&stored_new),
-                ));
-                let options = IngestOptions {
-                    stored_new: Some(stored_new),
-                    ..options
-                };
+                let copy = LayoutCopy(file.try_clone().map_err(at(path))?);
                 let staged = self
                     .cas
                     .ingest_reader_copying(reader, options, copy)
@@ -250,10 +242,7 @@ impl Engine {
         let (writer, copy): (Box<dyn std::io::Write + Send>, _) =
             match self.layout.as_ref().map(|l| l.staging_file()).transpose()? {
                 Some((path, file)) => {
-                    // Only chunks the store lacks are sent, and content the store already has
-                    // whole is never written into the copy: what is written here is kept, so
-                    // it goes to disk while the transfer runs.
-                    let writer = SyncBehind::new(file.try_clone().map_err(at(&path))?);
+                    let writer = file.try_clone().map_err(at(&path))?;
                     (Box::new(writer), Some((path, file)))
                 }
                 None => (Box::new(std::io::sink()), None),
@@ -307,18 +296,33 @@ impl Engine {
     }
 
     /// Makes the layout's staging copy durable before the commit can adopt it, unless the
-    /// layout already has this content (then the copy is discarded, and syncing it would only
-    /// cost time: a re-upload of identical content writes nothing durable).
+    /// layout already has this content (then the copy is discarded) or lists objects it names
+    /// unsynced (see `layout.rs`).
     fn sync_copy_unless_known(
         &self,
         path: &Path,
         file: &std::fs::File,
         manifest: sloth_cas::ManifestId,
     ) -> Result<()> {
-        if self.layout.as_ref().is_some_and(|l| l.has_object(manifest)) {
+        if self
+            .layout
+            .as_ref()
+            .is_none_or(|l| l.defers_sync() || l.has_object(manifest))
+        {
             return Ok(());
         }
         file.sync_data().map_err(at(path))
+    }
+
+    /// Makes the layout objects uploads named without waiting for their bytes durable, so
+    /// that a machine crash no longer has to rewrite them (see `layout.rs`). A running agent
+    /// calls this every [`crate::SETTLE_EVERY`] and when it stops; an open does it itself.
+    pub async fn settle_layout(&self) -> Result<()> {
+        let _write = self.write.lock().await;
+        match &self.layout {
+            Some(layout) => layout.settle(),
+            None => Ok(()),
+        }
     }
 
     /// Commits staged content as a new version of `key`: manifest, record and event in one
@@ -1215,7 +1219,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The layout's copy of an upload, written as the ingest cuts the content; a failed write
 /// says what was being written.
-struct LayoutCopy(SyncBehind);
+struct LayoutCopy(std::fs::File);
 
 impl std::io::Write for LayoutCopy {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

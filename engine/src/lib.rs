@@ -46,6 +46,7 @@ pub use engine::{
     refuse_damaged,
 };
 pub use error::{Error, Result};
+pub use layout::SETTLE_EVERY;
 pub use name::{ArtifactKey, MAX_NAME_LEN, Name};
 pub use projected::ProjectedCatalog;
 pub use record::{ArtifactId, ArtifactRecord, Event, glob_match};

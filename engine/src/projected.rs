@@ -53,6 +53,15 @@ impl ProjectedCatalog {
         if !path.is_file() {
             return Ok(None);
         }
+        let layout = layout.then(|| Layout::new(data_dir));
+        // Paths into a layout left unsynced before a restart may show damaged copies, until an
+        // open of the store repairs it.
+        if layout
+            .as_ref()
+            .is_some_and(Layout::unsettled_from_another_boot)
+        {
+            return Ok(None);
+        }
         let conn = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -64,11 +73,8 @@ impl ProjectedCatalog {
         let current = meta("schema")? == Some(SCHEMA_VERSION)
             && meta("generation")?.is_some()
             && meta("pending")?.is_none()
-            && meta("layout")? == Some(i64::from(layout));
-        Ok(current.then(|| Self {
-            conn,
-            layout: layout.then(|| Layout::new(data_dir)),
-        }))
+            && meta("layout")? == Some(i64::from(layout.is_some()));
+        Ok(current.then_some(Self { conn, layout }))
     }
 
     /// What [`crate::Engine::list`] returns for `query`.

@@ -2,8 +2,6 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 /// Start writing back after this many new bytes.
@@ -19,7 +17,6 @@ pub struct SyncBehind {
     file: File,
     unsynced: u64,
     running: Option<JoinHandle<io::Result<()>>>,
-    armed: Option<Arc<AtomicBool>>,
 }
 
 impl SyncBehind {
@@ -29,17 +26,6 @@ impl SyncBehind {
             file,
             unsynced: 0,
             running: None,
-            armed: None,
-        }
-    }
-
-    /// Syncs behind only once `armed` is set: for a copy that may yet be thrown away (an
-    /// upload's layout copy of content the layout may already have), where writing it to disk
-    /// early would be wasted work until the content is known to be new.
-    pub fn armed_by(file: File, armed: Arc<AtomicBool>) -> Self {
-        Self {
-            armed: Some(armed),
-            ..Self::new(file)
         }
     }
 
@@ -65,13 +51,7 @@ impl Write for SyncBehind {
         let n = self.file.write(buf)?;
         self.unsynced += n as u64;
         // One sync at a time; a sync still running means the disk is busy already.
-        if self.unsynced >= EVERY
-            && self.running.as_ref().is_none_or(JoinHandle::is_finished)
-            && self
-                .armed
-                .as_ref()
-                .is_none_or(|a| a.load(Ordering::Relaxed))
-        {
+        if self.unsynced >= EVERY && self.running.as_ref().is_none_or(JoinHandle::is_finished) {
             self.wait()?;
             let file = self.file.try_clone()?;
             self.running = Some(std::thread::spawn(move || file.sync_data()));

@@ -41,16 +41,8 @@ impl ArtifactStore for Engine {
         principal: &str,
     ) -> sloth_engine::Result<ArtifactRecord> {
         let file = sloth_engine::open_upload(path)?;
-        self.upload_with(
-            key,
-            file,
-            principal,
-            IngestOptions {
-                compress,
-                ..IngestOptions::default()
-            },
-        )
-        .await
+        self.upload_with(key, file, principal, IngestOptions { compress })
+            .await
     }
 
     fn newest_in_stack(
