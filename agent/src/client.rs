@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use sloth_cas::{
-    ChunkId, ChunkRef, Chunker, ChunkerParams, ContentDigests, ContentHasher, ContentSink, frame,
+    ChunkId, ChunkRef, Chunker, ChunkerParams, Claim, ContentCheck, ContentSink, frame,
 };
 use sloth_engine::{ArtifactKey, ArtifactRecord, Event, ListQuery, Selector, SyncBehind};
 use sloth_proto::artifacts::{
@@ -656,7 +656,7 @@ impl Remote {
             .await;
         feeder.abort();
         let (chunks, chunks_sent, bytes_sent) = sent?;
-        let record = session.commit(length, Some(digests)).await?;
+        let record = session.commit(length, Some(digests.into())).await?;
         Ok(Uploaded {
             record,
             chunks,
@@ -867,24 +867,24 @@ struct Batch {
 const BATCH_BYTES: usize = 8 << 20;
 
 /// Cuts `reader` into chunks and sends them in batches with their ids; returns the content's
-/// length and, when `digests`, its whole-content digests. Three threads share the work: this
-/// one reads and cuts, one computes chunk ids and fills batches, one (when `digests`) hashes
-/// the whole content.
+/// length and, when `digests`, its claim (the whole content's SHA-256; the agent computes the
+/// BLAKE3 itself). Three threads share the work: this one reads and cuts, one computes chunk
+/// ids and fills batches, one (when `digests`) hashes the whole content.
 fn cut<R: Read>(
     reader: R,
     params: ChunkerParams,
     batches: mpsc::Sender<Result<Batch>>,
     progress: Option<Progress>,
     digests: bool,
-) -> Result<(u64, Option<ContentDigests>)> {
+) -> Result<(u64, Option<Claim>)> {
     let (digest_tx, digest_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
     let digester = digests.then(|| {
         std::thread::spawn(move || {
-            let mut hasher = ContentHasher::default();
+            let mut check = ContentCheck::default();
             for chunk in digest_rx {
-                hasher.update(&chunk);
+                check.update(&chunk);
             }
-            hasher.finish()
+            sha256_claim(check)
         })
     });
     let (id_tx, id_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
@@ -957,12 +957,12 @@ fn batch_with_ids(
     }
 }
 
-/// The whole-content digests of an upload from a file, computed only once the agent asks for
-/// a chunk, by reading the file again from its start on a thread of their own.
+/// The claim of an upload from a file (its SHA-256), computed only once the agent asks for a
+/// chunk, by reading the file again from its start on a thread of their own.
 enum Rehash {
     /// Not started; the file, when there is one to read again.
     Idle(Option<std::fs::File>),
-    Running(std::thread::JoinHandle<std::io::Result<(u64, ContentDigests)>>),
+    Running(std::thread::JoinHandle<std::io::Result<(u64, Claim)>>),
 }
 
 impl Rehash {
@@ -978,7 +978,7 @@ impl Rehash {
     }
 
     /// The length read and the digests, if hashing was started.
-    fn finish(self) -> Result<Option<(u64, ContentDigests)>> {
+    fn finish(self) -> Result<Option<(u64, Claim)>> {
         match self {
             Rehash::Idle(_) => Ok(None),
             Rehash::Running(thread) => Ok(Some(
@@ -1001,11 +1001,19 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// What an upload claims: the SHA-256 of the content `check` saw.
+fn sha256_claim(check: ContentCheck) -> Claim {
+    Claim {
+        sha256: check.sha256(),
+        blake3: None,
+    }
+}
+
 /// Hashes `file` from its start to its end, with positioned reads (another handle reading
 /// the same file at the same time is not disturbed), unless `stop` is set first.
-fn hash_file(file: &std::fs::File, stop: &AtomicBool) -> std::io::Result<(u64, ContentDigests)> {
+fn hash_file(file: &std::fs::File, stop: &AtomicBool) -> std::io::Result<(u64, Claim)> {
     use std::os::unix::fs::FileExt;
-    let mut hasher = ContentHasher::default();
+    let mut check = ContentCheck::default();
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     loop {
@@ -1018,10 +1026,10 @@ fn hash_file(file: &std::fs::File, stop: &AtomicBool) -> std::io::Result<(u64, C
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        hasher.update(&buf[..n]);
+        check.update(&buf[..n]);
         at += n as u64;
     }
-    Ok((hasher.len(), hasher.finish()))
+    Ok((check.len(), sha256_claim(check)))
 }
 
 /// The frames of a local batch's missing chunks, compressed on the blocking pool.
@@ -1216,16 +1224,14 @@ impl UploadSession {
         Ok(counts)
     }
 
-    /// Commits the content, claiming its `digests` (`None` when no chunk was sent).
-    async fn commit(
-        mut self,
-        length: u64,
-        digests: Option<ContentDigests>,
-    ) -> Result<ArtifactRecord> {
-        let (sha256, blake3) = digests.map_or_else(Default::default, |d| {
+    /// Commits the content with its `claim` (`None` when no chunk was sent).
+    async fn commit(mut self, length: u64, claim: Option<Claim>) -> Result<ArtifactRecord> {
+        let (sha256, blake3) = claim.map_or_else(Default::default, |c| {
             (
-                Bytes::copy_from_slice(&d.sha256),
-                Bytes::copy_from_slice(&d.blake3),
+                Bytes::copy_from_slice(&c.sha256),
+                c.blake3
+                    .map(|b| Bytes::copy_from_slice(&b))
+                    .unwrap_or_default(),
             )
         });
         self.send(step(pb::upload_request::Step::Commit(pb::Commit {

@@ -1,6 +1,6 @@
 //! Engine types ↔ protocol messages. Everything that comes off the wire is checked here.
 
-use sloth_cas::{ChunkId, ChunkRef, ContentDigests, ManifestId};
+use sloth_cas::{ChunkId, ChunkRef, Claim, ContentDigests, ManifestId};
 use sloth_engine::{ArtifactId, ArtifactRecord, Event, Selector};
 use sloth_proto::artifacts as pb;
 
@@ -124,13 +124,22 @@ pub(crate) fn chunk_id(bytes: &[u8]) -> Result<ChunkId> {
         .ok_or_else(|| Error::Protocol(format!("chunk id of {} bytes", bytes.len())))
 }
 
-/// A commit's claimed digests: both, or neither (both empty) for content the agent holds
-/// whole (see `Commit` in `artifacts.proto`).
-pub(crate) fn claimed_digests(sha256: &[u8], blake3: &[u8]) -> Result<Option<ContentDigests>> {
+/// A commit's claim: its SHA-256 with or without its BLAKE3, or nothing (both empty) for
+/// content the agent holds whole (see `Commit` in `artifacts.proto`).
+pub(crate) fn claim(sha256: &[u8], blake3: &[u8]) -> Result<Option<Claim>> {
     if sha256.is_empty() && blake3.is_empty() {
         return Ok(None);
     }
-    digests(sha256, blake3).map(Some)
+    let sha256 = <[u8; 32]>::try_from(sha256)
+        .map_err(|_| Error::Protocol("SHA-256 digest is not 32 bytes".into()))?;
+    let blake3 = match blake3 {
+        [] => None,
+        bytes => Some(
+            <[u8; 32]>::try_from(bytes)
+                .map_err(|_| Error::Protocol("BLAKE3 digest is not 32 bytes".into()))?,
+        ),
+    };
+    Ok(Some(Claim { sha256, blake3 }))
 }
 
 pub(crate) fn digests(sha256: &[u8], blake3: &[u8]) -> Result<ContentDigests> {

@@ -50,7 +50,7 @@ pub fn decode(kind: u8, bytes: &[u8]) {
                         }
                     }
                     Step::Commit(c) => {
-                        let _ = convert::digests(&c.sha256, &c.blake3);
+                        let _ = convert::claim(&c.sha256, &c.blake3);
                     }
                 }
             }

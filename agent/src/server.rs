@@ -938,10 +938,10 @@ async fn upload_session(
                 receiving.put(frames).await.map_err(|e| status(&e))?;
             }
             Some(Step::Commit(commit)) => {
-                let digests = convert::claimed_digests(&commit.sha256, &commit.blake3)
+                let claim = convert::claim(&commit.sha256, &commit.blake3)
                     .map_err(|e| protocol(e.to_string()))?;
                 let record = engine
-                    .commit_received(&key, receiving, commit.length, digests, principal)
+                    .commit_received(&key, receiving, commit.length, claim, principal)
                     .await
                     .map_err(|e| status(&e))?;
                 metrics.uploads.fetch_add(1, Relaxed);

@@ -211,14 +211,28 @@ async fn lies_and_broken_conversations_leave_nothing() {
             "claims no digests",
         ),
         (
-            "half a digest claim",
+            "a SHA-256 claim of the wrong size",
+            vec![
+                begin(),
+                offered.clone(),
+                Step::Commit(pb::Commit {
+                    length: data.len() as u64,
+                    sha256: Bytes::copy_from_slice(&ContentDigests::of(&data).sha256[1..]),
+                    blake3: Bytes::new(),
+                }),
+            ],
+            tonic::Code::InvalidArgument,
+            "SHA-256 digest is not 32 bytes",
+        ),
+        (
+            "a BLAKE3 claim of the wrong size",
             vec![
                 begin(),
                 offered.clone(),
                 Step::Commit(pb::Commit {
                     length: data.len() as u64,
                     sha256: Bytes::copy_from_slice(&ContentDigests::of(&data).sha256),
-                    blake3: Bytes::new(),
+                    blake3: Bytes::from_static(b"short"),
                 }),
             ],
             tonic::Code::InvalidArgument,
@@ -283,6 +297,28 @@ async fn lies_and_broken_conversations_leave_nothing() {
         assert_eq!(err.code(), code, "{what}: {err:?}");
         assert!(err.message().contains(says), "{what}: {}", err.message());
     }
+    // A claim may leave the BLAKE3 out: the agent hashes it itself.
+    let (content, offered_fresh, fresh_id) = fresh(5);
+    let sha256_only = agent
+        .upload(vec![
+            begin(),
+            offered_fresh,
+            frames(fresh_id, &content),
+            Step::Commit(pb::Commit {
+                length: content.len() as u64,
+                sha256: Bytes::copy_from_slice(&ContentDigests::of(&content).sha256),
+                blake3: Bytes::new(),
+            }),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            sha256_only.last().and_then(|r| r.step.as_ref()),
+            Some(pb::upload_response::Step::Committed(_))
+        ),
+        "{sha256_only:?}"
+    );
     // Content the agent holds whole needs no claim: its digests are the stored version's.
     let again = agent
         .upload(vec![begin(), offered.clone(), commit_unclaimed(&data)])
@@ -312,8 +348,8 @@ async fn lies_and_broken_conversations_leave_nothing() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.artifacts.len(), 2);
-    assert_eq!(agent.stop().await, 2);
+    assert_eq!(listed.artifacts.len(), 3);
+    assert_eq!(agent.stop().await, 3);
 }
 
 /// Pseudo-random bytes (incompressible, so chunk boundaries fall everywhere).

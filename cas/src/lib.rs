@@ -90,7 +90,7 @@ pub use cas::{
 pub use chunker::{Chunker, ChunkerParams, MAX_AVG_CHUNK, MAX_CHUNK_LEN, MIN_AVG_CHUNK};
 pub use error::{Error, Result};
 pub use id::{ChunkId, ManifestId, ParseIdError};
-pub use manifest::{ChunkRef, ContentCheck, ContentDigests, ContentHasher, Manifest};
+pub use manifest::{ChunkRef, Claim, ContentCheck, ContentDigests, ContentHasher, Manifest};
 pub use pack::PackStore;
 pub use receive::{MAX_RECEIVED_CHUNKS, Received, Receiver};
 pub use sink::ContentSink;

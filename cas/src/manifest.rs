@@ -53,6 +53,34 @@ impl ContentDigests {
     }
 }
 
+/// What the sender of content chunked elsewhere claims about it (see
+/// [`Receiver::finish`](crate::Receiver::finish)): its SHA-256, checked end to end, and
+/// optionally its BLAKE3. The store computes the BLAKE3 its manifest records itself, and every
+/// chunk was checked against its BLAKE3 id, so a sender need not hash the content twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// SHA-256 of the content.
+    pub sha256: [u8; 32],
+    /// BLAKE3 of the content, when the sender has it at hand; checked when given.
+    pub blake3: Option<[u8; 32]>,
+}
+
+impl From<ContentDigests> for Claim {
+    fn from(d: ContentDigests) -> Self {
+        Self {
+            sha256: d.sha256,
+            blake3: Some(d.blake3),
+        }
+    }
+}
+
+impl Claim {
+    /// Whether `digests` are what this claims.
+    pub fn matches(&self, digests: &ContentDigests) -> bool {
+        self.sha256 == digests.sha256 && self.blake3.is_none_or(|b| b == digests.blake3)
+    }
+}
+
 /// Computes [`ContentDigests`] over data fed in pieces: a [`ContentCheck`] plus BLAKE3.
 #[derive(Debug, Clone, Default)]
 pub struct ContentHasher {

@@ -5,8 +5,8 @@
 //! decoded and checked against its id before it is stored. Meanwhile an assembler walks the
 //! content in order — chunks the store already had are read back and verified, received ones
 //! are taken as they arrive — hashing it whole and writing it to the receiver's output (an
-//! artifact's layout copy), so that by the time the sender commits, the check of its length,
-//! SHA-256 and BLAKE3 is nearly done. Only then does a [`Staged`] value exist. A receive
+//! artifact's layout copy), so that by the time the sender commits, the check of its length and
+//! claimed digests is nearly done. Only then does a [`Staged`] value exist. A receive
 //! abandoned halfway leaves only unreferenced chunks; sent again, it finds them present and
 //! they are not asked for twice.
 
@@ -19,7 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::cas::{Lease, Staged};
-use crate::manifest::{ChunkRef, ContentDigests, ContentHasher};
+use crate::manifest::{ChunkRef, Claim, ContentDigests, ContentHasher};
 use crate::store::ChunkStore;
 use crate::{Cas, ChunkId, Error, IngestStats, MAX_CHUNK_LEN, Manifest, Result, frame};
 
@@ -248,6 +248,11 @@ impl<S: ChunkStore, W> Receiver<S, W> {
         Ok(missing)
     }
 
+    /// Whether no chunk offered so far had to be sent: the store holds the content whole.
+    pub fn sent_nothing(&self) -> bool {
+        self.start.is_some()
+    }
+
     fn start_assembling(&mut self, assemble: bool) {
         if let Some(start) = self.start.take() {
             // A failed assembler reports itself in `finish`.
@@ -320,19 +325,20 @@ impl<S: ChunkStore, W> Receiver<S, W> {
     }
 
     /// Every chunk asked for arrived: waits for the assembler to finish the content and checks
-    /// it against the sender's `length` and `claim`ed digests. Returns the content staged for
-    /// commit.
+    /// it against the sender's `length` and `claim`. Returns the content staged for commit,
+    /// with the digests hashed here (a claim need not carry the BLAKE3; see [`Claim`]).
     ///
-    /// A sender may claim no digests when the store had every chunk (it then need not hash the
+    /// A sender may claim nothing when the store had every chunk (it then need not hash the
     /// content at all: a re-upload costs it only cutting and chunk ids). Every chunk was
-    /// verified against its id when it was stored, so the content is exactly these chunks and
-    /// its digests are theirs: those of `like` (say, the newest version of the same artifact)
-    /// when it has exactly this chunk list, else hashed here from the store. A sender that had
-    /// to send chunks must claim digests.
+    /// verified against its id when it was stored, so the content is exactly these chunks: if
+    /// the store holds a manifest of these chunks with the claimed digests, or (unclaimed)
+    /// `like`'s when it has exactly this chunk list, those digests were verified when it was
+    /// stored, and the content is not read back. Else it is read back and hashed here. A
+    /// sender that had to send chunks must claim its SHA-256.
     pub async fn finish(
         mut self,
         length: u64,
-        claim: Option<ContentDigests>,
+        claim: Option<Claim>,
         like: Option<&Manifest>,
     ) -> Result<Received<W>> {
         if let Some(id) = self.awaited.keys().next() {
@@ -349,53 +355,65 @@ impl<S: ChunkStore, W> Receiver<S, W> {
                 "the chunks add up to {total} bytes, the commit says {length}"
             )));
         }
-        // `start` is still here when no chunk was missing (the assembler waits for one).
-        let nothing_missing = self.start.is_some();
-        let claim = match claim {
-            Some(claim) => Some(claim),
-            None if !nothing_missing => {
-                return Err(Error::Rejected(
-                    "the commit claims no digests, but chunks had to be sent: only content the \
-                     store holds whole may be committed without them"
-                        .into(),
-                ));
+        let nothing_missing = self.sent_nothing();
+        if claim.is_none() && !nothing_missing {
+            return Err(Error::Rejected(
+                "the commit claims no digests, but chunks had to be sent: only content the \
+                 store holds whole may be committed without them"
+                    .into(),
+            ));
+        }
+        let known = if nothing_missing {
+            let candidate = match claim {
+                Some(Claim {
+                    sha256,
+                    blake3: Some(blake3),
+                }) => Some(ContentDigests { blake3, sha256 }),
+                _ => like
+                    .filter(|m| m.chunks() == refs.as_slice())
+                    .map(|m| *m.digests())
+                    .filter(|d| claim.is_none_or(|c| c.matches(d))),
+            };
+            match candidate {
+                Some(d)
+                    if self
+                        .cas
+                        .contains_manifest(Manifest::new(refs.clone(), d).id())? =>
+                {
+                    Some(d)
+                }
+                _ => None,
             }
-            None => like
-                .filter(|m| m.chunks() == refs.as_slice())
-                .map(|m| *m.digests()),
+        } else {
+            None
         };
-        // Nothing was missing: if the store holds this very manifest, its digests were
-        // verified against these chunks when it was stored, and the claim is proven.
-        let known = match &claim {
-            Some(claim) if nothing_missing => self
-                .cas
-                .contains_manifest(Manifest::new(refs.clone(), *claim).id())?,
-            _ => false,
-        };
-        self.start_assembling(!known);
+        self.start_assembling(known.is_none());
         drop(self.slots);
-        let (out, written, digests) = match (self.assembler.await??, claim) {
-            (Assembled::Skipped(out), Some(claim)) => (out, false, claim),
+        let (out, written, digests) = match (self.assembler.await??, known) {
+            (Assembled::Skipped(out), Some(known)) => (out, false, known),
             (Assembled::Skipped(_), None) => {
-                return Err(Error::Task(
-                    "the assembler skipped unclaimed content".into(),
-                ));
+                return Err(Error::Task("the assembler skipped unknown content".into()));
             }
-            (Assembled::Whole(len, got, out), claim) => {
-                // Named by the manifest the sender claimed.
-                let mismatch = |claim: &ContentDigests, algorithm| Error::DigestMismatch {
-                    manifest: Manifest::new(refs.clone(), *claim).id(),
-                    algorithm,
-                };
+            (Assembled::Whole(len, got, out), _) => {
                 if len != length {
                     return Err(Error::Rejected(format!(
                         "the content assembled to {len} bytes, the commit says {length}"
                     )));
                 }
-                match &claim {
-                    Some(c) if c.sha256 != got.sha256 => return Err(mismatch(c, "sha256")),
-                    Some(c) if c.blake3 != got.blake3 => return Err(mismatch(c, "blake3")),
-                    _ => {}
+                if let Some(claim) = claim.filter(|c| !c.matches(&got)) {
+                    // Named by the manifest the sender claimed.
+                    let claimed = ContentDigests {
+                        sha256: claim.sha256,
+                        blake3: claim.blake3.unwrap_or(got.blake3),
+                    };
+                    return Err(Error::DigestMismatch {
+                        manifest: Manifest::new(refs, claimed).id(),
+                        algorithm: if claim.sha256 == got.sha256 {
+                            "blake3"
+                        } else {
+                            "sha256"
+                        },
+                    });
                 }
                 (out, true, got)
             }

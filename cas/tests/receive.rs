@@ -5,7 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{random_bytes, read_all, small_chunks, text_bytes};
-use sloth_cas::{Cas, ChunkId, ChunkRef, ContentDigests, Error, frame};
+use sloth_cas::{Cas, ChunkId, ChunkRef, Claim, ContentDigests, Error, Manifest, frame};
 
 /// What a sender computes: the chunk list and each chunk's frame.
 fn cut(cas: &Cas, data: &[u8]) -> (Vec<ChunkRef>, Vec<Bytes>) {
@@ -39,7 +39,11 @@ async fn send(cas: &Cas, data: &[u8]) -> sloth_cas::Result<(sloth_cas::ManifestI
         receiver.put(wanted).await?;
     }
     let received = receiver
-        .finish(data.len() as u64, Some(ContentDigests::of(data)), None)
+        .finish(
+            data.len() as u64,
+            Some(ContentDigests::of(data).into()),
+            None,
+        )
         .await?;
     if received.written {
         assert_eq!(received.out, data, "the assembled copy is the content");
@@ -75,7 +79,11 @@ fn received_content_reads_back_and_dedups() {
         let mut receiver = cas.receive(Vec::new());
         assert!(receiver.offer(&refs).await.unwrap().is_empty());
         let received = receiver
-            .finish(data.len() as u64, Some(ContentDigests::of(&data)), None)
+            .finish(
+                data.len() as u64,
+                Some(ContentDigests::of(&data).into()),
+                None,
+            )
             .await
             .unwrap();
         assert!(!received.written);
@@ -85,7 +93,7 @@ fn received_content_reads_back_and_dedups() {
         let lie = receiver
             .finish(
                 data.len() as u64,
-                Some(ContentDigests::of(b"something else")),
+                Some(ContentDigests::of(b"something else").into()),
                 None,
             )
             .await
@@ -97,6 +105,82 @@ fn received_content_reads_back_and_dedups() {
             (read_all(&cas, empty).await.unwrap(), sent),
             (Vec::new(), 0)
         );
+    });
+}
+
+/// Offers all of `data` and sends what is asked for, then finishes with `claim` and `like`;
+/// returns the committed manifest and whether the content was read back and hashed.
+async fn send_claiming(
+    cas: &Cas,
+    data: &[u8],
+    claim: Option<Claim>,
+    like: Option<&Manifest>,
+) -> sloth_cas::Result<(Manifest, bool)> {
+    let (refs, frames) = cut(cas, data);
+    let mut receiver = cas.receive(Vec::new());
+    let missing = receiver.offer(&refs).await?;
+    let wanted = missing
+        .iter()
+        .map(|&i| (refs[i as usize].id, frames[i as usize].clone()))
+        .collect();
+    receiver.put(wanted).await?;
+    let received = receiver.finish(data.len() as u64, claim, like).await?;
+    let written = received.written;
+    let id = cas.commit(received.staged).await?;
+    Ok((cas.manifest(id).await?, written))
+}
+
+#[test]
+fn a_claim_of_the_sha256_alone_is_checked_and_enough() {
+    runtime().block_on(async {
+        let cas = Cas::temporary(small_chunks()).unwrap();
+        let data = random_bytes(7, 400_000);
+        let truth = ContentDigests::of(&data);
+        let sha256_only = |sha256| Claim {
+            sha256,
+            blake3: None,
+        };
+        // A lie in either digest is refused, and names the digest.
+        let wrong = ContentDigests::of(b"other content");
+        for (claim, algorithm) in [
+            (sha256_only(wrong.sha256), "sha256"),
+            (
+                Claim {
+                    sha256: truth.sha256,
+                    blake3: Some(wrong.blake3),
+                },
+                "blake3",
+            ),
+        ] {
+            let err = send_claiming(&cas, &data, Some(claim), None)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::DigestMismatch { algorithm: a, .. } if a == algorithm),
+                "{err}"
+            );
+        }
+        // The SHA-256 alone commits the content; the store hashes the BLAKE3 itself.
+        let (stored, written) = send_claiming(&cas, &data, Some(sha256_only(truth.sha256)), None)
+            .await
+            .unwrap();
+        assert!(written);
+        assert_eq!(*stored.digests(), truth);
+        // Held whole: with a like manifest of the same chunks, nothing is read back; without
+        // one, the content is read back and hashed, and the result is the same manifest.
+        let again = send_claiming(&cas, &data, Some(sha256_only(truth.sha256)), Some(&stored))
+            .await
+            .unwrap();
+        assert_eq!(again, (stored.clone(), false));
+        let again = send_claiming(&cas, &data, Some(sha256_only(truth.sha256)), None)
+            .await
+            .unwrap();
+        assert_eq!(again, (stored.clone(), true));
+        // A like manifest whose SHA-256 differs from the claim lends nothing.
+        let err = send_claiming(&cas, &data, Some(sha256_only(wrong.sha256)), Some(&stored))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
     });
 }
 
@@ -225,7 +309,11 @@ fn lies_are_rejected_and_leave_nothing_visible() {
         let mut receiver = cas.receive(Vec::new());
         receiver.offer(&refs).await.unwrap();
         let err = receiver
-            .finish(data.len() as u64, Some(ContentDigests::of(&data)), None)
+            .finish(
+                data.len() as u64,
+                Some(ContentDigests::of(&data).into()),
+                None,
+            )
             .await
             .unwrap_err();
         assert!(err.to_string().contains("never arrived"), "{err}");
@@ -242,7 +330,12 @@ fn lies_are_rejected_and_leave_nothing_visible() {
                 .map(|&i| (refs[i as usize].id, frames[i as usize].clone()))
                 .collect();
             receiver.put(wanted).await.unwrap();
-            assert!(receiver.finish(length, Some(digests), None).await.is_err());
+            assert!(
+                receiver
+                    .finish(length, Some(digests.into()), None)
+                    .await
+                    .is_err()
+            );
         }
 
         // Out-of-range lengths.

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sloth_cas::{
-    Cas, CasConfig, ContentDigests, IngestOptions, PackStore, Receiver, Staged, release_tx,
-    retain_tx, tx_error,
+    Cas, CasConfig, Claim, IngestOptions, PackStore, Receiver, Staged, release_tx, retain_tx,
+    tx_error,
 };
 
 use crate::error::at;
@@ -254,32 +254,33 @@ impl Engine {
     }
 
     /// Makes received content a new version of `key`, once the whole content matched
-    /// `length` and `digests`. `None` for digests is accepted only when no chunk had to be
-    /// sent (see `sloth_cas::Receiver::finish`).
+    /// `length` and the `claim`. No claim is accepted only when no chunk had to be sent (see
+    /// `sloth_cas::Receiver::finish`).
     pub async fn commit_received(
         &self,
         key: &ArtifactKey,
         mut receiving: Receiving,
         length: u64,
-        digests: Option<ContentDigests>,
+        claim: Option<Claim>,
         principal: &str,
     ) -> Result<ArtifactRecord> {
         let receiver = receiving
             .receiver
             .take()
             .ok_or_else(|| Error::CorruptRecord("receive committed twice".into()))?;
-        // Unclaimed content (the sender had nothing to send) is most often a re-upload of the
-        // newest version: its manifest lends the digests when the chunk lists agree.
-        // Looked up only then: a claimed commit (every first upload) needs no catalog read.
-        let newest = match digests {
-            None => self.versions(key)?.pop(),
-            Some(_) => None,
+        // Content the store holds whole without a full claim is most often a re-upload of the
+        // newest version: its manifest lends the digests when the chunk lists agree. Looked up
+        // only then: a commit after chunks were sent (every first upload) reads no catalog.
+        let newest = if receiver.sent_nothing() && claim.is_none_or(|c| c.blake3.is_none()) {
+            self.versions(key)?.pop()
+        } else {
+            None
         };
         let like = match newest {
             Some(newest) => self.cas.manifest(newest.manifest).await.ok(),
             None => None,
         };
-        let received = receiver.finish(length, digests, like.as_ref()).await?;
+        let received = receiver.finish(length, claim, like.as_ref()).await?;
         // The content is written into the copy unless the store already had it whole.
         let copy = receiving.copy.as_ref().filter(|_| received.written);
         if let Some((path, file)) = copy {

@@ -107,7 +107,8 @@ fuzz_target!(|ops: Vec<Op>| {
                         Some(p) => ContentDigests::of(piece(p)),
                     };
                     let length = (offered.len() as i64 + i64::from(len_delta)).max(0) as u64;
-                    let Ok(received) = receiver.finish(length, Some(digests), None).await else {
+                    let Ok(received) = receiver.finish(length, Some(digests.into()), None).await
+                    else {
                         return;
                     };
                     assert!(!lied, "a receive with a length lie finished");
