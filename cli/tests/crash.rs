@@ -142,6 +142,8 @@ fn killed_agents_lose_nothing_acknowledged_and_show_nothing_partial() {
             let engine = Engine::open(&data, EngineConfig::default()).await.unwrap();
             engine.list(&all).unwrap()
         });
+        // The open synced the layout objects the killed agent had left unsynced.
+        assert!(!data.join("objects/.unsynced").exists(), "round {round}");
         match projected {
             Some(projected) => {
                 answered += 1;

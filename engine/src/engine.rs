@@ -148,7 +148,7 @@ impl Engine {
             Some(layout) => {
                 layout.sweep_leftovers()?;
                 // A failure leaves the list for the next open; the layout stays as it is.
-                warn_stale(layout.settle());
+                warn_stale(layout.settle_at_open());
             }
             None => Layout::new(&engine.data_dir).remove_if_present()?,
         }
@@ -224,12 +224,9 @@ impl Engine {
         let staged = match copy {
             Some((path, file)) => {
                 let copy = LayoutCopy(file.try_clone().map_err(at(path))?);
-                let staged = self
-                    .cas
+                self.cas
                     .ingest_reader_copying(reader, options, copy)
-                    .await?;
-                self.sync_copy_unless_known(path, file, staged.manifest().id())?;
-                staged
+                    .await?
             }
             None => self.cas.ingest_reader_with(reader, options).await?,
         };
@@ -283,9 +280,6 @@ impl Engine {
         let received = receiver.finish(length, claim, like.as_ref()).await?;
         // The content is written into the copy unless the store already had it whole.
         let copy = receiving.copy.as_ref().filter(|_| received.written);
-        if let Some((path, file)) = copy {
-            self.sync_copy_unless_known(path, file, received.staged.manifest().id())?;
-        }
         let record = self
             .commit_version(key, received.staged, principal, copy)
             .await?;
@@ -296,32 +290,24 @@ impl Engine {
         Ok(record)
     }
 
-    /// Makes the layout's staging copy durable before the commit can adopt it, unless the
-    /// layout already has this content (then the copy is discarded) or lists objects it names
-    /// unsynced (see `layout.rs`).
-    fn sync_copy_unless_known(
-        &self,
-        path: &Path,
-        file: &std::fs::File,
-        manifest: sloth_cas::ManifestId,
-    ) -> Result<()> {
-        if self
-            .layout
-            .as_ref()
-            .is_none_or(|l| l.defers_sync() || l.has_object(manifest))
-        {
-            return Ok(());
-        }
-        file.sync_data().map_err(at(path))
-    }
-
     /// Makes the layout objects uploads named without waiting for their bytes durable, so
     /// that a machine crash no longer has to rewrite them (see `layout.rs`). A running agent
     /// calls this every [`crate::SETTLE_EVERY`] and when it stops; an open does it itself.
+    /// The syncing runs on a blocking thread, outside the catalog lock.
     pub async fn settle_layout(&self) -> Result<()> {
-        let _write = self.write.lock().await;
-        match &self.layout {
-            Some(layout) => layout.settle(),
+        let Some(layout) = &self.layout else {
+            return Ok(());
+        };
+        let set_aside = {
+            let _write = self.write.lock().await;
+            layout.begin_settling()?
+        };
+        match set_aside {
+            Some((objects, boot)) => {
+                tokio::task::spawn_blocking(move || crate::layout::finish_settling(&objects, &boot))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))?
+            }
             None => Ok(()),
         }
     }
@@ -340,6 +326,7 @@ impl Engine {
         let now = now_secs();
         let _write = self.write.lock().await;
         let previous = self.versions(key)?.pop();
+        let before = self.generation()?;
         self.sqlite.mark_pending()?;
         let trees = self.cas.trees();
         let (record, event) = (
@@ -406,17 +393,24 @@ impl Engine {
         // The version is committed: what follows only updates projections, whose failure must
         // not make the upload look failed (a retry would add another version). They stay stale
         // and the next open rebuilds them.
-        let projected = async {
-            if let (Some(layout), Some((path, _))) = (&self.layout, copy) {
-                layout.adopt(path, &record)?;
-            }
-            self.project_upsert(&record, &event).await?;
-            if let (Some(layout), Some(previous)) = (&self.layout, &previous) {
-                layout.remove_object_if_unused(previous)?;
-            }
-            Ok(())
-        };
-        warn_stale(projected.await);
+        let generation = self.generation()?;
+        warn_stale(self.project_sqlite(generation, |sqlite| {
+            sqlite.upsert(&record, &event, generation)
+        }));
+        if let Some(layout) = &self.layout {
+            let projected = async {
+                if let Some((path, file)) = copy {
+                    layout.adopt(path, file, &record)?;
+                }
+                layout.replace(&self.cas, key, Some(&record)).await?;
+                layout.advance(before, generation)?;
+                if let Some(previous) = &previous {
+                    layout.remove_object_if_unused(previous)?;
+                }
+                Ok(())
+            };
+            warn_stale(projected.await);
+        }
         Ok(record)
     }
 
@@ -636,6 +630,7 @@ impl Engine {
     /// meanwhile is not counted.
     pub async fn count_download(&self, record: &ArtifactRecord, principal: &str) -> Result<()> {
         let _write = self.write.lock().await;
+        let before = self.generation()?;
         // Deleted meanwhile (`None`): the bytes were delivered, there is nothing to count on.
         let result = self.amend(record, "artifact.download", principal, |current, now| {
             current.download_count += 1;
@@ -653,7 +648,7 @@ impl Engine {
                 // A download changes nothing the layout shows: it is current at this generation
                 // too (otherwise every download would make the next open rebuild it).
                 match &self.layout {
-                    Some(layout) => layout.set_generation(generation),
+                    Some(layout) => layout.advance(before, generation),
                     None => Ok(()),
                 }
             });
@@ -696,6 +691,7 @@ impl Engine {
         candidates.sort();
         candidates.dedup();
         let now = now_secs();
+        let before = self.generation()?;
         self.sqlite.mark_pending()?;
         let trees = self.cas.trees();
         let events = (
@@ -752,9 +748,8 @@ impl Engine {
             })?;
             if let Some(layout) = &self.layout {
                 let newest = self.versions(&key)?.pop();
-                layout
-                    .replace(&self.cas, &key, newest.as_ref(), generation)
-                    .await?;
+                layout.replace(&self.cas, &key, newest.as_ref()).await?;
+                layout.advance(before, generation)?;
                 // Under the catalog lock like every layout change: an upload adopting an
                 // object must not see it removed before it links it. Only the deleted
                 // versions' objects can have become unused.
@@ -828,6 +823,7 @@ impl Engine {
     ) -> Result<Event> {
         let now = now_secs();
         let _write = self.write.lock().await;
+        let before = self.generation()?;
         self.sqlite.mark_pending()?;
         let event = (&self.events, &self.meta)
             .transaction(|(events, meta)| {
@@ -857,13 +853,11 @@ impl Engine {
         let generation = self.generation()?;
         let projected =
             self.project_sqlite(generation, |sqlite| sqlite.event_only(&event, generation));
-        warn_stale(projected.and_then(|()| {
+        warn_stale(projected);
+        if let Some(layout) = &self.layout {
             // No record changed: the layout is current at this generation too.
-            match &self.layout {
-                Some(layout) => layout.set_generation(generation),
-                None => Ok(()),
-            }
-        }));
+            warn_stale(layout.advance(before, generation));
+        }
         Ok(event)
     }
 
@@ -1082,19 +1076,6 @@ impl Engine {
         Ok(())
     }
 
-    async fn project_upsert(&self, record: &ArtifactRecord, event: &Event) -> Result<()> {
-        let generation = self.generation()?;
-        self.project_sqlite(generation, |sqlite| {
-            sqlite.upsert(record, event, generation)
-        })?;
-        if let Some(layout) = &self.layout {
-            layout
-                .replace(&self.cas, &record.key()?, Some(record), generation)
-                .await?;
-        }
-        Ok(())
-    }
-
     /// Rebuilds `metadata.db` and the layout when they are missing or behind the catalog. A
     /// failed rebuild (a damaged chunk, a full disk) is reported and leaves the projection
     /// stale for the next open to retry: it never keeps the catalog itself from opening.
@@ -1117,6 +1098,13 @@ impl Engine {
         if let Some(layout) = &self.layout
             && layout.generation()? != Some(generation)
         {
+            if layout.may_show_damage() {
+                // Settling failed: a rebuild would reuse objects that may have lost bytes.
+                return Err(Error::Io(std::io::Error::other(
+                    "objects of the artifacts/ layout may have lost bytes and could not be \
+                     removed; the layout is not rebuilt until they are",
+                )));
+            }
             tracing::info!("rebuilding the artifacts/ layout at generation {generation}");
             layout
                 .rebuild(&self.cas, &self.shown_in_layout()?, generation)

@@ -14,14 +14,21 @@
 //! The file's first line is the boot it was started in (`/proc/sys/kernel/random/boot_id`):
 //!
 //! - The next open in the same boot (only the process stopped; the kernel still holds every
-//!   byte written) syncs the listed objects and removes the file. A running agent does the
-//!   same every [`SETTLE_EVERY`] and when it stops.
-//! - An open in another boot (the machine went down; a listed object may have lost its tail)
-//!   deletes the listed objects and rebuilds the layout, which writes them again from the
-//!   store, synced. Until that open, `metadata.db` does not answer for the store (the paths it
-//!   would print may show damaged copies), so `list` and `show` open the store and repair it.
+//!   byte written) syncs the listed objects and removes the list. A running agent does the
+//!   same every [`SETTLE_EVERY`] and when it stops, renaming the list to
+//!   `.unsynced.settling` first so that uploads go on listing into a fresh one meanwhile.
+//! - An open in another boot (the machine went down; a listed object may have lost its
+//!   tail), or after a sync failed, marks the layout stale, deletes the listed objects and
+//!   then the lists; the repair that follows writes them again from the store.
+//! - Until then `metadata.db` does not answer for the store (the paths it would print may
+//!   show damaged copies; see `ProjectedCatalog`), so `list` and `show` open the store, which
+//!   repairs it. Programs that read `artifacts/` directly should run after the agent (or any
+//!   command on the store) has started once since the machine booted.
 //!
-//! Where the boot id cannot be read, every object is synced before it is named.
+//! The generation marker only moves forward from the generation the layout showed before
+//! each change ([`Layout::advance`]): once an update failed, the layout stays marked behind
+//! until a rebuild. Where the boot id cannot be read, every object is synced before it is
+//! named.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -40,6 +47,12 @@ pub const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_secs(30)
 
 /// The list of objects named before their bytes were known to be on disk (see the module docs).
 const UNSYNCED: &str = ".unsynced";
+/// A list a running agent is syncing.
+const SETTLING: &str = ".unsynced.settling";
+/// The first line of a list whose objects failed to sync: the next open rewrites them.
+const FAILED: &str = "boot sync-failed\n";
+/// What `.generation` holds while the layout must be rebuilt before it is trusted.
+const STALE: &str = "stale";
 
 #[derive(Debug)]
 pub(crate) struct Layout {
@@ -56,14 +69,89 @@ fn current_boot() -> Option<String> {
     (!id.is_empty()).then(|| id.to_owned())
 }
 
-/// What `objects/.unsynced` holds: the boot it was started in (`None` when its first line is
-/// torn or unreadable) and the manifests listed after it. A torn last line (a crash mid-append,
-/// before its object was named) is skipped.
-fn parse_unsynced(text: &str) -> (Option<&str>, Vec<ManifestId>) {
-    let mut lines = text.lines();
-    let boot = lines.next().and_then(|l| l.strip_prefix("boot "));
-    let listed = lines.filter_map(|l| l.parse().ok()).collect();
-    (boot, listed)
+/// What a list of unsynced objects calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Started in this boot, every line whole (but perhaps a torn last one, appended when a
+    /// crash came and before its object was named): the listed objects still have all their
+    /// bytes in the page cache, and syncing them makes them durable.
+    Sync(Vec<ManifestId>),
+    /// From another boot, or its sync failed: the listed objects may have lost bytes.
+    Rewrite(Vec<ManifestId>),
+    /// A damaged line before others: which objects were listed is unknown.
+    RewriteAll,
+}
+
+fn verdict(text: &str, boot: Option<&str>) -> Verdict {
+    let mut lines = text.split_inclusive('\n');
+    let header = lines.next().and_then(|l| l.strip_suffix('\n'));
+    let mut listed = Vec::new();
+    for line in lines {
+        match line.strip_suffix('\n').map(str::parse) {
+            Some(Ok(id)) => listed.push(id),
+            Some(Err(_)) => return Verdict::RewriteAll,
+            None => {} // the torn last line
+        }
+    }
+    match (header.and_then(|h| h.strip_prefix("boot ")), boot) {
+        (Some(theirs), Some(ours)) if theirs == ours => Verdict::Sync(listed),
+        _ => Verdict::Rewrite(listed),
+    }
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(at(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// `fdatasync`s each listed object that exists.
+fn sync_objects(objects: &Path, listed: &[ManifestId]) -> Result<()> {
+    for &manifest in listed {
+        let object = object_in(objects, manifest);
+        match File::open(&object) {
+            Ok(file) => file.sync_data().map_err(at(&object))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(at(&object)(e)),
+        }
+    }
+    Ok(())
+}
+
+fn object_in(objects: &Path, manifest: ManifestId) -> PathBuf {
+    let hex = manifest.to_hex();
+    objects.join(&hex[..2]).join(&hex)
+}
+
+/// Syncs the list a running agent set aside with [`Layout::begin_settling`] (on a blocking
+/// thread, outside the catalog lock), then removes it. When a sync fails, a retry could not be
+/// trusted (Linux reports a failed writeback once): the list is marked failed instead, and the
+/// next open rewrites its objects.
+pub(crate) fn finish_settling(objects: &Path, boot: &str) -> Result<()> {
+    let path = objects.join(SETTLING);
+    let text = std::fs::read_to_string(&path).map_err(at(&path))?;
+    let Verdict::Sync(listed) = verdict(&text, Some(boot)) else {
+        return Ok(()); // failed before: for the next open
+    };
+    if let Err(e) = sync_objects(objects, &listed) {
+        let failed = format!(
+            "{FAILED}{}",
+            text.split_once('\n').map_or("", |(_, rest)| rest)
+        );
+        let tmp = objects.join(".unsynced.failed.tmp");
+        let mark = File::create(&tmp)
+            .and_then(|mut f| f.write_all(failed.as_bytes()).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(mark) = mark {
+            tracing::error!(
+                "marking {} as failed did not work either: {mark}",
+                path.display()
+            );
+        }
+        return Err(e);
+    }
+    std::fs::remove_file(&path).map_err(at(&path))
 }
 
 impl Layout {
@@ -75,101 +163,143 @@ impl Layout {
         }
     }
 
-    /// Whether an upload's object may be named before its bytes are synced (see the module
-    /// docs); else the upload syncs it first.
-    pub(crate) fn defers_sync(&self) -> bool {
-        self.boot.is_some()
-    }
-
-    fn unsynced(&self) -> PathBuf {
-        self.objects.join(UNSYNCED)
-    }
-
-    /// Whether objects were left unsynced in another boot than this one: until an open of the
-    /// store settles them, what the layout shows may be damaged.
-    pub(crate) fn unsettled_from_another_boot(&self) -> bool {
-        match std::fs::read_to_string(self.unsynced()) {
-            Ok(text) => self.boot.is_none() || parse_unsynced(&text).0 != self.boot.as_deref(),
-            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    /// The lists of unsynced objects there are, with what each calls for.
+    fn lists(&self) -> Result<Vec<(PathBuf, Verdict)>> {
+        let mut found = Vec::new();
+        for name in [SETTLING, UNSYNCED] {
+            let path = self.objects.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => found.push((path, verdict(&text, self.boot.as_deref()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(at(&path)(e)),
+            }
         }
+        Ok(found)
     }
 
-    /// Lists `manifest`'s object as unsynced, durably, before it is named.
-    fn note_unsynced(&self, manifest: ManifestId, boot: &str) -> Result<()> {
-        let path = self.unsynced();
+    /// Whether objects may have lost bytes (listed unsynced in another boot, or their sync
+    /// failed) and no open has rewritten them yet.
+    pub(crate) fn may_show_damage(&self) -> bool {
+        self.lists().map_or(true, |lists| {
+            lists.iter().any(|(_, v)| !matches!(v, Verdict::Sync(_)))
+        })
+    }
+
+    /// Lists `manifest`'s object as unsynced, durably, before it is named. `false` when it
+    /// cannot be listed (no boot id; a list from another boot waits for the next open) and
+    /// must be synced before it is named instead.
+    fn note_unsynced(&self, manifest: ManifestId) -> Result<bool> {
+        let Some(boot) = &self.boot else {
+            return Ok(false);
+        };
+        let header = format!("boot {boot}\n");
+        let path = self.objects.join(UNSYNCED);
         let mut file = std::fs::OpenOptions::new()
+            .read(true)
             .append(true)
             .create(true)
             .open(&path)
             .map_err(at(&path))?;
-        let fresh = file.metadata().map_err(at(&path))?.len() == 0;
-        let mut lines = if fresh {
-            format!("boot {boot}\n")
-        } else {
-            String::new()
-        };
+        let old_len = file.metadata().map_err(at(&path))?.len();
+        if old_len > 0 {
+            let mut first = vec![0; header.len()];
+            let read = std::io::Read::read_exact(&mut file, &mut first);
+            if read.is_err() || first != header.as_bytes() {
+                return Ok(false);
+            }
+        }
+        let mut lines = if old_len == 0 { header } else { String::new() };
         lines.push_str(&manifest.to_hex());
         lines.push('\n');
-        file.write_all(lines.as_bytes()).map_err(at(&path))?;
-        file.sync_data().map_err(at(&path))?;
-        if fresh {
-            // The file's name must be on disk too before any object it lists is named.
-            File::open(&self.objects)
-                .and_then(|dir| dir.sync_all())
-                .map_err(at(&self.objects))?;
+        let written = file
+            .write_all(lines.as_bytes())
+            .and_then(|()| file.sync_data())
+            // The list's name must be on disk too before any object it lists is named.
+            .and_then(|()| match old_len {
+                0 => File::open(&self.objects).and_then(|dir| dir.sync_all()),
+                _ => Ok(()),
+            });
+        if let Err(e) = written {
+            // No torn line in the middle of the list: the next append starts where this did.
+            let _ = file.set_len(old_len);
+            return Err(at(&path)(e));
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Deals with the objects `objects/.unsynced` lists (see the module docs): syncs them when
-    /// they were written in this boot; deletes them and marks the layout stale (the next
-    /// repair rebuilds it from the store) when they were written in another, or in a boot the
-    /// torn first line no longer tells. Run at open and, in a running agent, under the
-    /// catalog lock.
-    pub(crate) fn settle(&self) -> Result<()> {
-        let path = self.unsynced();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(at(&path)(e)),
-        };
-        let (boot, listed) = parse_unsynced(&text);
-        if boot.is_some() && boot == self.boot.as_deref() {
-            for manifest in listed {
-                let object = self.manifest_path(manifest);
-                match File::open(&object) {
-                    Ok(file) => file.sync_data().map_err(at(&object))?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(at(&object)(e)),
-                }
-            }
-        } else if !listed.is_empty() {
-            tracing::warn!(
-                "{} objects of the artifacts/ layout were written before the machine restarted \
-                 and may be incomplete: writing them again from the store",
-                listed.len()
-            );
-            match std::fs::remove_file(self.marker()) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(at(&self.marker())(e));
-                }
-                _ => {}
-            }
-            for manifest in listed {
-                let object = self.manifest_path(manifest);
-                match std::fs::remove_file(&object) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(at(&object)(e));
+    /// Deals with the lists of unsynced objects (see the module docs) when the store opens:
+    /// syncs the objects listed in this boot, or marks the layout stale and deletes the
+    /// objects that may have lost bytes, so that the repair writes them again. Removes the
+    /// lists once that is done.
+    pub(crate) fn settle_at_open(&self) -> Result<()> {
+        let lists = self.lists()?;
+        if lists.is_empty() {
+            return Ok(());
+        }
+        let mut rewrite = Vec::new();
+        let mut all = false;
+        for (_, verdict) in &lists {
+            match verdict {
+                Verdict::Sync(listed) => {
+                    if let Err(e) = sync_objects(&self.objects, listed) {
+                        tracing::warn!("syncing the layout's objects failed: {e}");
+                        rewrite.extend_from_slice(listed);
                     }
-                    _ => {}
+                }
+                Verdict::Rewrite(listed) => rewrite.extend_from_slice(listed),
+                Verdict::RewriteAll => all = true,
+            }
+        }
+        if all || !rewrite.is_empty() {
+            tracing::warn!(
+                "objects of the artifacts/ layout were written before the machine restarted \
+                 (or failed to sync) and may be incomplete: writing them again from the store"
+            );
+            self.mark_stale()?;
+            if all {
+                self.remove_objects(|_| true)?;
+            } else {
+                for manifest in rewrite {
+                    remove_if_exists(&object_in(&self.objects, manifest))?;
                 }
             }
-            // The deletions and the stale mark must be on disk before the list goes.
+            // The stale mark and the deletions must be on disk before the lists go.
             File::open(&self.objects)
                 .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from))
                 .map_err(at(&self.objects))?;
         }
-        std::fs::remove_file(&path).map_err(at(&path))
+        for (path, _) in lists {
+            remove_if_exists(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the current list aside for [`finish_settling`], under the catalog lock; returns
+    /// the `objects/` directory and this boot's id when there is one to sync. A list left
+    /// from another boot or a failed sync waits for the next open.
+    pub(crate) fn begin_settling(&self) -> Result<Option<(PathBuf, String)>> {
+        let Some(boot) = &self.boot else {
+            return Ok(None);
+        };
+        let (settling, current) = (self.objects.join(SETTLING), self.objects.join(UNSYNCED));
+        if settling.exists() {
+            return Ok(None);
+        }
+        match std::fs::read_to_string(&current) {
+            Ok(text) if matches!(verdict(&text, Some(boot)), Verdict::Sync(_)) => {
+                std::fs::rename(&current, &settling).map_err(at(&current))?;
+                Ok(Some((self.objects.clone(), boot.clone())))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(at(&current)(e)),
+        }
+    }
+
+    /// Writes a generation marker that matches no generation: the next open rebuilds the
+    /// layout, and nothing advances the marker before that.
+    fn mark_stale(&self) -> Result<()> {
+        self.write_marker(STALE)
     }
 
     pub(crate) fn path_of(&self, r: &ArtifactRecord) -> PathBuf {
@@ -188,10 +318,25 @@ impl Layout {
         }
     }
 
-    pub(crate) fn set_generation(&self, generation: u64) -> Result<()> {
+    /// Records that the layout shows the catalog at `generation` (after a rebuild).
+    fn set_generation(&self, generation: u64) -> Result<()> {
+        self.write_marker(&generation.to_string())
+    }
+
+    /// Records that the layout shows the catalog at `to`, if it showed it at `from`, the
+    /// generation before the change just applied to it; a layout left behind by an earlier
+    /// failure (or marked stale) stays behind, for the next open to rebuild.
+    pub(crate) fn advance(&self, from: u64, to: u64) -> Result<()> {
+        if self.generation()? == Some(from) {
+            self.set_generation(to)?;
+        }
+        Ok(())
+    }
+
+    fn write_marker(&self, text: &str) -> Result<()> {
         std::fs::create_dir_all(&self.objects).map_err(at(&self.objects))?;
         let tmp = self.objects.join(".generation.tmp");
-        std::fs::write(&tmp, generation.to_string()).map_err(at(&tmp))?;
+        std::fs::write(&tmp, text).map_err(at(&tmp))?;
         std::fs::rename(&tmp, self.marker()).map_err(at(&tmp))?;
         Ok(())
     }
@@ -210,9 +355,10 @@ impl Layout {
         Ok((path, file))
     }
 
-    /// Makes a complete staging file the object of `record`'s content. Its bytes are synced
-    /// already unless [`Layout::defers_sync`]; then it is listed as unsynced first.
-    pub(crate) fn adopt(&self, staged: &Path, record: &ArtifactRecord) -> Result<()> {
+    /// Makes a complete staging file (`staged`, open as `file`) the object of `record`'s
+    /// content, unless the layout has that object already (then the copy is thrown away,
+    /// unsynced). It is listed as unsynced before it is named, or else synced.
+    pub(crate) fn adopt(&self, staged: &Path, file: &File, record: &ArtifactRecord) -> Result<()> {
         let path = self.object_path(record);
         if path.exists() {
             std::fs::remove_file(staged).map_err(at(staged))?;
@@ -220,8 +366,8 @@ impl Layout {
         }
         let dir = path.parent().expect("objects/<aa>");
         std::fs::create_dir_all(dir).map_err(at(dir))?;
-        if let Some(boot) = &self.boot {
-            self.note_unsynced(record.manifest, boot)?;
+        if !self.note_unsynced(record.manifest)? {
+            file.sync_data().map_err(at(staged))?;
         }
         std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o444))
             .map_err(at(&staged))?;
@@ -230,26 +376,12 @@ impl Layout {
     }
 
     fn object_path(&self, record: &ArtifactRecord) -> PathBuf {
-        self.manifest_path(record.manifest)
-    }
-
-    fn manifest_path(&self, manifest: ManifestId) -> PathBuf {
-        let hex = manifest.to_hex();
-        self.objects.join(&hex[..2]).join(&hex)
+        object_in(&self.objects, record.manifest)
     }
 
     /// Removes the materialized object of `record`'s content, if any.
     pub(crate) fn discard_object(&self, record: &ArtifactRecord) -> Result<()> {
-        let path = self.object_path(record);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(at(&path)(e)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Whether the content of `manifest` is already materialized.
-    pub(crate) fn has_object(&self, manifest: ManifestId) -> bool {
-        self.manifest_path(manifest).exists()
+        remove_if_exists(&self.object_path(record))
     }
 
     /// The materialized object of a version's content, written (verified) if missing.
@@ -290,7 +422,6 @@ impl Layout {
         cas: &Cas,
         key: &ArtifactKey,
         newest: Option<&ArtifactRecord>,
-        generation: u64,
     ) -> Result<()> {
         let path = self
             .root
@@ -310,17 +441,10 @@ impl Layout {
                 std::fs::rename(&tmp, &path).map_err(at(&tmp))?;
                 // rename() between two links of one inode (same content as before) does
                 // nothing at all, leaving the temporary name behind.
-                match std::fs::remove_file(&tmp) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                    _ => {}
-                }
+                remove_if_exists(&tmp)?;
             }
             None => {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e.into()),
-                }
+                remove_if_exists(&path)?;
                 // Empty task and stack directories go too (remove_dir fails on non-empty).
                 if let Some(task_dir) = path.parent() {
                     let _ = std::fs::remove_dir(task_dir);
@@ -330,7 +454,7 @@ impl Layout {
                 }
             }
         }
-        self.set_generation(generation)
+        Ok(())
     }
 
     /// Deletes `record`'s object when no layout entry links to it any more (the previous
@@ -365,6 +489,11 @@ impl Layout {
 
     /// Deletes objects no layout entry links to any more.
     pub(crate) fn remove_unused_objects(&self) -> Result<()> {
+        self.remove_objects(|meta| meta.nlink() == 1)
+    }
+
+    /// Deletes the objects whose metadata `doomed` picks, and the directories left empty.
+    fn remove_objects(&self, doomed: impl Fn(&std::fs::Metadata) -> bool) -> Result<()> {
         let Ok(dirs) = std::fs::read_dir(&self.objects) else {
             return Ok(());
         };
@@ -375,7 +504,7 @@ impl Layout {
             }
             for entry in std::fs::read_dir(&dir)? {
                 let path = entry?.path();
-                if std::fs::symlink_metadata(&path)?.nlink() == 1 {
+                if doomed(&std::fs::symlink_metadata(&path)?) {
                     std::fs::remove_file(&path).map_err(at(&path))?;
                 }
             }
@@ -385,18 +514,24 @@ impl Layout {
     }
 
     /// Removes a layout left from when it was turned on: stale links would show old content.
-    /// Only a tree this module wrote (it has the generation marker) is touched.
+    /// Only a tree this module wrote (it has the generation marker) is touched. The objects
+    /// go before the lists of unsynced ones and the marker: interrupted, this runs again at
+    /// the next open, and a layout turned on again meanwhile never reuses an object that may
+    /// have lost bytes unlisted.
     pub(crate) fn remove_if_present(&self) -> Result<()> {
         if self.marker().exists() {
             if self.root.exists() {
                 std::fs::remove_dir_all(&self.root).map_err(at(&self.root))?;
             }
+            self.remove_objects(|_| true)?;
             std::fs::remove_dir_all(&self.objects).map_err(at(&self.objects))?;
         }
         Ok(())
     }
 
-    /// Recreates the whole layout from the newest version of every artifact.
+    /// Recreates the whole layout from the newest version of every artifact. Objects that
+    /// are there are reused: the caller deals with those that may have lost bytes first
+    /// ([`Layout::settle_at_open`]).
     pub(crate) async fn rebuild(
         &self,
         cas: &Cas,
@@ -408,8 +543,7 @@ impl Layout {
         }
         std::fs::create_dir_all(&self.root).map_err(at(&self.root))?;
         for record in newest {
-            self.replace(cas, &record.key()?, Some(record), generation)
-                .await?;
+            self.replace(cas, &record.key()?, Some(record)).await?;
         }
         self.remove_unused_objects()?;
         self.set_generation(generation)

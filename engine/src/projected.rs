@@ -54,12 +54,9 @@ impl ProjectedCatalog {
             return Ok(None);
         }
         let layout = layout.then(|| Layout::new(data_dir));
-        // Paths into a layout left unsynced before a restart may show damaged copies, until an
-        // open of the store repairs it.
-        if layout
-            .as_ref()
-            .is_some_and(Layout::unsettled_from_another_boot)
-        {
+        // Paths into a layout whose objects may have lost bytes (left unsynced before a
+        // restart) may show damaged copies, until an open of the store repairs it.
+        if layout.as_ref().is_some_and(Layout::may_show_damage) {
             return Ok(None);
         }
         let conn = Connection::open_with_flags(
@@ -70,10 +67,17 @@ impl ProjectedCatalog {
         // Every read from here on sees the snapshot the checks below see.
         conn.execute_batch("BEGIN")?;
         let meta = |key: &str| meta_value(&conn, key);
+        let generation = meta("generation")?;
+        // The paths printed are the layout's: it must show the same generation.
+        let layout_current = match &layout {
+            Some(layout) => layout.generation()?.map(|g| g as i64) == generation,
+            None => true,
+        };
         let current = meta("schema")? == Some(SCHEMA_VERSION)
-            && meta("generation")?.is_some()
+            && generation.is_some()
             && meta("pending")?.is_none()
-            && meta("layout")? == Some(i64::from(layout.is_some()));
+            && meta("layout")? == Some(i64::from(layout.is_some()))
+            && layout_current;
         Ok(current.then_some(Self { conn, layout }))
     }
 

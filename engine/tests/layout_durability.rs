@@ -30,6 +30,13 @@ fn this_boot() -> String {
         .to_owned()
 }
 
+/// What tells a file apart from one written in its place later: inode numbers are reused
+/// once freed, so the modification time (nanoseconds) goes with it.
+fn identity(path: &Path) -> (u64, i64, i64) {
+    let meta = std::fs::metadata(path).expect("a file");
+    (meta.ino(), meta.mtime(), meta.mtime_nsec())
+}
+
 async fn upload(engine: &Engine, name: &str, content: &[u8]) -> ArtifactRecord {
     let key = ArtifactKey::new(name, Some("production"), Some("build")).expect("a valid key");
     engine
@@ -84,14 +91,12 @@ async fn uploads_list_their_objects_until_they_are_synced() {
     assert!(unsynced(dir.path()).exists());
 
     // So does the next open in the same boot, keeping every object as it was.
-    let inode = std::fs::metadata(engine.layout_path(&c).unwrap())
-        .unwrap()
-        .ino();
+    let before = identity(&engine.layout_path(&c).unwrap());
     drop(engine);
     let engine = open(dir.path()).await;
     assert!(!unsynced(dir.path()).exists());
     let shown = engine.layout_path(&c).unwrap();
-    assert_eq!(std::fs::metadata(&shown).unwrap().ino(), inode);
+    assert_eq!(identity(&shown), before);
     assert_eq!(std::fs::read(&shown).unwrap(), bytes(3, 300_000));
 }
 
@@ -108,7 +113,7 @@ async fn objects_unsynced_before_a_restart_are_written_again_from_the_store() {
         engine.layout_path(&a).unwrap(),
         engine.layout_path(&b).unwrap(),
     );
-    let kept_inode = std::fs::metadata(&kept_path).unwrap().ino();
+    let (kept_before, b_before) = (identity(&kept_path), identity(&b_path));
     drop(engine);
 
     // The machine went down before a's tail reached the disk; the list was started in that
@@ -129,8 +134,9 @@ async fn objects_unsynced_before_a_restart_are_written_again_from_the_store() {
     assert!(!unsynced(dir.path()).exists());
     assert_eq!(std::fs::read(&a_path).unwrap(), bytes(2, 400_000));
     assert_eq!(std::fs::read(&b_path).unwrap(), bytes(3, 400_000));
-    // Objects synced before the restart are not written again.
-    assert_eq!(std::fs::metadata(&kept_path).unwrap().ino(), kept_inode);
+    // Every listed object was written again, damaged or not; those synced before were not.
+    assert_ne!(identity(&b_path), b_before);
+    assert_eq!(identity(&kept_path), kept_before);
     assert_eq!(std::fs::read(&kept_path).unwrap(), bytes(1, 400_000));
     assert!(ProjectedCatalog::open(dir.path(), true).is_some());
     drop(engine);
@@ -142,9 +148,7 @@ async fn a_list_torn_before_its_first_line_names_nothing() {
     let engine = open(dir.path()).await;
     let a = upload(&engine, "a.bin", &bytes(1, 100_000)).await;
     engine.settle_layout().await.unwrap();
-    let inode = std::fs::metadata(engine.layout_path(&a).unwrap())
-        .unwrap()
-        .ino();
+    let before = identity(&engine.layout_path(&a).unwrap());
     drop(engine);
     // A crash while the list's first append was being written: no object was named after it.
     std::fs::write(unsynced(dir.path()), "boo").unwrap();
@@ -152,6 +156,140 @@ async fn a_list_torn_before_its_first_line_names_nothing() {
     let engine = open(dir.path()).await;
     assert!(!unsynced(dir.path()).exists());
     let shown = engine.layout_path(&a).unwrap();
-    assert_eq!(std::fs::metadata(&shown).unwrap().ino(), inode);
+    assert_eq!(identity(&shown), before);
     assert_eq!(std::fs::read(&shown).unwrap(), bytes(1, 100_000));
+}
+
+/// The objects of the store opened in `dir`: path → identity.
+fn objects(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u64, i64, i64)> {
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .expect("list a directory")
+            .map(|e| e.expect("a directory entry").path())
+            .collect()
+    };
+    let mut found = std::collections::BTreeMap::new();
+    for sub in entries(&dir.join("objects")) {
+        if sub.is_dir() {
+            for object in entries(&sub) {
+                let id = identity(&object);
+                found.insert(object, id);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_that_cannot_be_trusted_have_their_objects_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    let a = upload(&engine, "a.bin", &bytes(1, 200_000)).await;
+    let b = upload(&engine, "b.bin", &bytes(2, 200_000)).await;
+    engine.settle_layout().await.unwrap();
+    let c = upload(&engine, "c.bin", &bytes(3, 200_000)).await;
+    drop(engine);
+    let before = objects(dir.path());
+    assert_eq!(before.len(), 3);
+
+    // A running agent's sync of a's object failed: its list was marked so, and waits for the
+    // next open, which writes a's object again and leaves the others.
+    std::fs::write(
+        dir.path().join("objects/.unsynced.settling"),
+        format!("boot sync-failed\n{}\n", a.manifest.to_hex()),
+    )
+    .unwrap();
+    assert!(ProjectedCatalog::open(dir.path(), true).is_none());
+    let engine = open(dir.path()).await;
+    let after = objects(dir.path());
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|(path, id)| after.get(*path) != Some(id))
+        .map(|(path, _)| path.clone())
+        .collect();
+    let a_object = std::fs::canonicalize(engine.layout_path(&a).unwrap()).unwrap();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(identity(&changed[0]), identity(&a_object));
+    assert!(!dir.path().join("objects/.unsynced.settling").exists());
+    drop(engine);
+
+    // A line damaged before others: which objects were listed is unknown, so all are
+    // written again.
+    std::fs::write(
+        unsynced(dir.path()),
+        format!(
+            "boot {}\nnot a manifest\n{}\n",
+            this_boot(),
+            c.manifest.to_hex()
+        ),
+    )
+    .unwrap();
+    let before = objects(dir.path());
+    let engine = open(dir.path()).await;
+    let after = objects(dir.path());
+    assert_eq!(after.len(), 3);
+    assert!(
+        after
+            .iter()
+            .all(|(path, inode)| before.get(path) != Some(inode))
+    );
+    for (record, seed) in [(&a, 1), (&b, 2), (&c, 3)] {
+        let shown = engine.layout_path(record).unwrap();
+        assert_eq!(std::fs::read(shown).unwrap(), bytes(seed, 200_000));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_listed_under_another_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    // A list an open could not deal with (from another boot): uploads sync their objects
+    // instead of adding to it, and it stays for the next open.
+    // (A boot id of the same length as this boot's.)
+    let foreign = "boot 00000000-0000-0000-0000-000000000000\n";
+    std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+    std::fs::write(unsynced(dir.path()), foreign).unwrap();
+    let a = upload(&engine, "a.bin", &bytes(1, 200_000)).await;
+    assert_eq!(
+        std::fs::read_to_string(unsynced(dir.path())).unwrap(),
+        foreign
+    );
+    engine.settle_layout().await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(unsynced(dir.path())).unwrap(),
+        foreign
+    );
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert!(!unsynced(dir.path()).exists());
+    let shown = engine.layout_path(&a).unwrap();
+    assert_eq!(std::fs::read(shown).unwrap(), bytes(1, 200_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_left_behind_stays_marked_behind_until_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    upload(&engine, "a.bin", &bytes(1, 10_000)).await;
+    assert!(ProjectedCatalog::open(dir.path(), true).is_some());
+    // A file where the layout needs a directory: the next update of the layout fails.
+    let key = ArtifactKey::new("b.bin", Some("blocked"), Some("build")).unwrap();
+    std::fs::write(dir.path().join("artifacts/blocked"), b"in the way").unwrap();
+    let b = engine
+        .upload(&key, std::io::Cursor::new(bytes(2, 10_000)), "alice")
+        .await
+        .expect("the version commits although its projection failed");
+    assert!(engine.layout_path(&b).is_some_and(|p| !p.exists()));
+    // Later changes that succeed do not mark the layout current again.
+    let c = upload(&engine, "c.bin", &bytes(3, 10_000)).await;
+    engine.count_download(&c, "alice").await.unwrap();
+    assert!(
+        ProjectedCatalog::open(dir.path(), true).is_none(),
+        "metadata.db answered with a layout that is behind"
+    );
+    drop(engine);
+    let engine = open(dir.path()).await;
+    let shown = engine.layout_path(&b).unwrap();
+    assert_eq!(std::fs::read(shown).unwrap(), bytes(2, 10_000));
+    assert!(ProjectedCatalog::open(dir.path(), true).is_some());
 }
