@@ -140,10 +140,13 @@ fn killed_agents_lose_nothing_acknowledged_and_show_nothing_partial() {
         let projected = ProjectedCatalog::open(&data, true).map(|p| p.list(&all).unwrap());
         let recovered = runtime.block_on(async {
             let engine = Engine::open(&data, EngineConfig::default()).await.unwrap();
+            engine.settle_layout().await.unwrap();
             engine.list(&all).unwrap()
         });
-        // The open synced the layout objects the killed agent had left unsynced.
-        assert!(!data.join("objects/.unsynced").exists(), "round {round}");
+        // The layout objects the killed agent had left unsynced are synced and unlisted.
+        for list in [".unsynced", ".unsynced.settling"] {
+            assert!(!data.join("objects").join(list).exists(), "round {round}");
+        }
         match projected {
             Some(projected) => {
                 answered += 1;

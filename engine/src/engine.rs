@@ -113,6 +113,8 @@ pub struct Engine {
     /// Serializes catalog changes, and the projection updates that follow each, so that what
     /// is read before a transaction still holds in it and projections apply in commit order.
     write: tokio::sync::Mutex<()>,
+    /// The layout objects an earlier process left unsynced, being synced since the open.
+    settling: std::sync::Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
 }
 
 impl Engine {
@@ -142,13 +144,24 @@ impl Engine {
             agent: config.agent,
             cas,
             write: tokio::sync::Mutex::new(()),
+            settling: std::sync::Mutex::new(None),
         };
         engine.build_time_indexes()?;
         match &engine.layout {
             Some(layout) => {
                 layout.sweep_leftovers()?;
-                // A failure leaves the list for the next open; the layout stays as it is.
-                warn_stale(layout.settle_at_open());
+                // A failure leaves the lists for the next open; the layout is not rebuilt
+                // while they may name damaged objects.
+                match layout.settle_at_open() {
+                    Ok(Some((objects, boot))) => {
+                        let thread = std::thread::spawn(move || {
+                            crate::layout::finish_settling(&objects, &boot)
+                        });
+                        *engine.settling.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn_stale(Err(e)),
+                }
             }
             None => Layout::new(&engine.data_dir).remove_if_present()?,
         }
@@ -298,6 +311,17 @@ impl Engine {
         let Some(layout) = &self.layout else {
             return Ok(());
         };
+        let since_open = self
+            .settling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(thread) = since_open {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))?
+                .map_err(|_| Error::Io(std::io::Error::other("the settling thread panicked")))??;
+        }
         let set_aside = {
             let _write = self.write.lock().await;
             layout.begin_settling()?

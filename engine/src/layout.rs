@@ -13,10 +13,11 @@
 //! gets its name, its manifest id is appended to `objects/.unsynced` and that file is synced.
 //! The file's first line is the boot it was started in (`/proc/sys/kernel/random/boot_id`):
 //!
-//! - The next open in the same boot (only the process stopped; the kernel still holds every
-//!   byte written) syncs the listed objects and removes the list. A running agent does the
-//!   same every [`SETTLE_EVERY`] and when it stops, renaming the list to
-//!   `.unsynced.settling` first so that uploads go on listing into a fresh one meanwhile.
+//! - In the same boot (only the process stopped; the kernel still holds every byte written),
+//!   the list is renamed `.unsynced.settling` (uploads go on listing into a fresh one), the
+//!   listed objects are synced on a thread of their own, and the list is removed. The next
+//!   open does this, and a running agent every [`SETTLE_EVERY`] and when it stops; a process
+//!   that exits first leaves the rest to the next.
 //! - An open in another boot (the machine went down; a listed object may have lost its
 //!   tail), or after a sync failed, marks the layout stale, deletes the listed objects and
 //!   then the lists; the repair that follows writes them again from the store.
@@ -228,24 +229,18 @@ impl Layout {
     }
 
     /// Deals with the lists of unsynced objects (see the module docs) when the store opens:
-    /// syncs the objects listed in this boot, or marks the layout stale and deletes the
-    /// objects that may have lost bytes, so that the repair writes them again. Removes the
-    /// lists once that is done.
-    pub(crate) fn settle_at_open(&self) -> Result<()> {
+    /// marks the layout stale and deletes the objects that may have lost bytes, so that the
+    /// repair writes them again, and removes their lists. Lists of this boot's objects are
+    /// left to [`finish_settling`], which the caller runs on a thread of its own: a command
+    /// right after a large upload then does not wait for the upload's object to reach the
+    /// disk before it starts. Returns what to give it, as [`Layout::begin_settling`] does.
+    pub(crate) fn settle_at_open(&self) -> Result<Option<(PathBuf, String)>> {
         let lists = self.lists()?;
-        if lists.is_empty() {
-            return Ok(());
-        }
         let mut rewrite = Vec::new();
         let mut all = false;
         for (_, verdict) in &lists {
             match verdict {
-                Verdict::Sync(listed) => {
-                    if let Err(e) = sync_objects(&self.objects, listed) {
-                        tracing::warn!("syncing the layout's objects failed: {e}");
-                        rewrite.extend_from_slice(listed);
-                    }
-                }
+                Verdict::Sync(_) => {}
                 Verdict::Rewrite(listed) => rewrite.extend_from_slice(listed),
                 Verdict::RewriteAll => all = true,
             }
@@ -268,10 +263,19 @@ impl Layout {
                 .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from))
                 .map_err(at(&self.objects))?;
         }
-        for (path, _) in lists {
-            remove_if_exists(&path)?;
+        for (path, verdict) in &lists {
+            if !matches!(verdict, Verdict::Sync(_)) {
+                remove_if_exists(path)?;
+            }
         }
-        Ok(())
+        // A list a process stopped settling is settled first; the current one waits.
+        let settling = lists
+            .iter()
+            .any(|(path, v)| path.ends_with(SETTLING) && matches!(v, Verdict::Sync(_)));
+        match (settling, &self.boot) {
+            (true, Some(boot)) => Ok(Some((self.objects.clone(), boot.clone()))),
+            _ => self.begin_settling(),
+        }
     }
 
     /// Sets the current list aside for [`finish_settling`], under the catalog lock; returns

@@ -94,10 +94,28 @@ async fn uploads_list_their_objects_until_they_are_synced() {
     let before = identity(&engine.layout_path(&c).unwrap());
     drop(engine);
     let engine = open(dir.path()).await;
+    // It syncs them on a thread of its own, having set the list aside.
     assert!(!unsynced(dir.path()).exists());
+    engine.settle_layout().await.unwrap();
+    assert!(!dir.path().join("objects/.unsynced.settling").exists());
     let shown = engine.layout_path(&c).unwrap();
     assert_eq!(identity(&shown), before);
     assert_eq!(std::fs::read(&shown).unwrap(), bytes(3, 300_000));
+
+    // A list an agent was settling when it stopped is settled by the next open, its
+    // objects kept; the current list is settled after it.
+    upload(&engine, "d.bin", &bytes(4, 300_000)).await;
+    drop(engine);
+    let settling = dir.path().join("objects/.unsynced.settling");
+    std::fs::write(
+        &settling,
+        format!("boot {}\n{}\n", this_boot(), c.manifest.to_hex()),
+    )
+    .unwrap();
+    let engine = open(dir.path()).await;
+    engine.settle_layout().await.unwrap();
+    assert!(!settling.exists() && !unsynced(dir.path()).exists());
+    assert_eq!(identity(&shown), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
