@@ -385,7 +385,16 @@ impl Layout {
 
     /// Removes the materialized object of `record`'s content, if any.
     pub(crate) fn discard_object(&self, record: &ArtifactRecord) -> Result<()> {
-        remove_if_exists(&self.object_path(record))
+        self.remove_object(&self.object_path(record))
+    }
+
+    /// Removes an object, and its `objects/<aa>` directory once empty.
+    fn remove_object(&self, path: &Path) -> Result<()> {
+        remove_if_exists(path)?;
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir(dir); // fails while other objects are there
+        }
+        Ok(())
     }
 
     /// The materialized object of a version's content, written (verified) if missing.
@@ -466,7 +475,7 @@ impl Layout {
     pub(crate) fn remove_object_if_unused(&self, record: &ArtifactRecord) -> Result<()> {
         let path = self.object_path(record);
         match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.nlink() == 1 => std::fs::remove_file(&path).map_err(at(&path))?,
+            Ok(meta) if meta.nlink() == 1 => self.remove_object(&path)?,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),

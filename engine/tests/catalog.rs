@@ -217,6 +217,13 @@ async fn delete_reclaims_chunks_and_records_events() {
         "the store is back where it was"
     );
     assert!(!dir.path().join("artifacts/s/t/gone.bin").exists());
+    // Only keep.bin's object is left, and no empty directory beside it.
+    let object_dirs: Vec<_> = std::fs::read_dir(dir.path().join("objects"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(object_dirs.len(), 1, "{object_dirs:?}");
     assert!(matches!(
         engine.resolve(&sel("gone.bin")),
         Err(Error::NotFound { .. })
