@@ -417,7 +417,9 @@ impl Engine {
         // The version is committed: what follows only updates projections, whose failure must
         // not make the upload look failed (a retry would add another version). They stay stale
         // and the next open rebuilds them.
-        let generation = self.generation()?;
+        // The transaction recorded one event, which bumped the generation by one (read back
+        // instead, a failed read would make the committed upload look failed).
+        let generation = before + 1;
         warn_stale(self.project_sqlite(generation, |sqlite| {
             sqlite.upsert(&record, &event, generation)
         }));
