@@ -130,24 +130,26 @@ pub(crate) fn claim(sha256: &[u8], blake3: &[u8]) -> Result<Option<Claim>> {
     if sha256.is_empty() && blake3.is_empty() {
         return Ok(None);
     }
-    let sha256 = <[u8; 32]>::try_from(sha256)
-        .map_err(|_| Error::Protocol("SHA-256 digest is not 32 bytes".into()))?;
+    let sha256 = digest(sha256, "SHA-256")?;
     let blake3 = match blake3 {
         [] => None,
-        bytes => Some(
-            <[u8; 32]>::try_from(bytes)
-                .map_err(|_| Error::Protocol("BLAKE3 digest is not 32 bytes".into()))?,
-        ),
+        bytes => Some(digest(bytes, "BLAKE3")?),
     };
     Ok(Some(Claim { sha256, blake3 }))
 }
 
 pub(crate) fn digests(sha256: &[u8], blake3: &[u8]) -> Result<ContentDigests> {
-    let sha256 = <[u8; 32]>::try_from(sha256)
-        .map_err(|_| Error::Protocol("SHA-256 digest is not 32 bytes".into()))?;
-    let blake3 = <[u8; 32]>::try_from(blake3)
-        .map_err(|_| Error::Protocol("BLAKE3 digest is not 32 bytes".into()))?;
-    Ok(ContentDigests { blake3, sha256 })
+    let sha256 = digest(sha256, "SHA-256")?;
+    Ok(ContentDigests {
+        blake3: digest(blake3, "BLAKE3")?,
+        sha256,
+    })
+}
+
+/// A 32-byte digest off the wire.
+fn digest(bytes: &[u8], algorithm: &str) -> Result<[u8; 32]> {
+    <[u8; 32]>::try_from(bytes)
+        .map_err(|_| Error::Protocol(format!("{algorithm} digest is not 32 bytes")))
 }
 
 /// A download header's record, chunk list and digests, checked: the chunks must add up to the
