@@ -135,8 +135,8 @@ pub(crate) async fn upload(
         None => default_name(&args.file)?,
     };
     let key = ArtifactKey::new(&name, args.stack.as_deref(), args.task.as_deref())?;
-    // Opened here rather than through `Engine::upload_path`: the file is read through a
-    // counting adapter for the progress bar.
+    // Opened here rather than through `Engine::upload_path`: the progress bar follows the
+    // file's read offset, and a remote upload reads the file a second time for its claim.
     let file = sloth_engine::open_upload(&args.file)?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let shown = args.file.display();
@@ -152,8 +152,13 @@ pub(crate) async fn upload(
     let again = file
         .try_clone()
         .with_context(|| format!("cannot read '{shown}' twice"))?;
-    let reader = progress::Counting::new(file, bar.clone());
-    let uploaded = store.upload(&key, reader, again).await;
+    let following = bar
+        .as_ref()
+        .map(|bar| progress::follow_reads(bar, &file))
+        .transpose()
+        .with_context(|| format!("cannot follow the reads of '{shown}'"))?;
+    let uploaded = store.upload(&key, file, again).await;
+    drop(following);
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
