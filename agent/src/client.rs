@@ -1040,14 +1040,11 @@ async fn compress(batch: Arc<Batch>, missing: Vec<u32>, level: i32) -> Result<Ve
             async move {
                 let i = i as usize;
                 let id = batch.refs[i].id;
-                let data =
+                let frame =
                     tokio::task::spawn_blocking(move || frame::encode(&batch.data[i], level))
                         .await
                         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-                Ok(pb::Frame {
-                    id: Bytes::copy_from_slice(id.as_bytes()),
-                    data,
-                })
+                Ok(convert::wire_frame(&id, &frame))
             }
         })
         .buffered(2 * cores())

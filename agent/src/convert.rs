@@ -1,5 +1,6 @@
 //! Engine types ↔ protocol messages. Everything that comes off the wire is checked here.
 
+use sloth_cas::frame::Frame;
 use sloth_cas::{ChunkId, ChunkRef, Claim, ContentDigests, ManifestId};
 use sloth_engine::{ArtifactId, ArtifactRecord, Event, Selector};
 use sloth_proto::artifacts as pb;
@@ -51,6 +52,28 @@ pub(crate) fn record(a: pb::Artifact) -> Result<(ArtifactRecord, Option<String>)
     // The names are shown and used as file names: hold them to the engine's rules.
     record.key()?;
     Ok((record, a.layout_path))
+}
+
+/// A frame to send: its header apart from its payload, which is not copied.
+pub(crate) fn wire_frame(id: &ChunkId, frame: &Frame) -> pb::Frame {
+    pb::Frame {
+        id: bytes::Bytes::copy_from_slice(id.as_bytes()),
+        data: frame.payload().clone(),
+        header: bytes::Bytes::copy_from_slice(frame.header()),
+    }
+}
+
+/// A frame off the wire, whole or in parts (see `Frame` in `artifacts.proto`). Only its shape
+/// is checked here; the receiver decodes it and checks it against its id.
+pub(crate) fn frame(f: pb::Frame) -> Result<(ChunkId, Frame)> {
+    let id = chunk_id(&f.id)?;
+    let frame = if f.header.is_empty() {
+        Frame::from_bytes(f.data)
+    } else {
+        Frame::from_parts(&f.header, f.data)
+    }
+    .map_err(|reason| Error::Protocol(format!("chunk {id}: {reason}")))?;
+    Ok((id, frame))
 }
 
 pub(crate) fn event(e: &Event) -> pb::Event {

@@ -796,6 +796,7 @@ fn frame_stream(
                 Ok(Some(data)) => Ok(pb::Frame {
                     id: id.as_bytes().to_vec().into(),
                     data,
+                    header: bytes::Bytes::new(),
                 }),
                 Ok(None) if artifact.is_empty() => Err(Status::not_found(format!(
                     "chunk {id} is not stored on this agent"
@@ -926,15 +927,16 @@ async fn upload_session(
                 let frames = frames
                     .frames
                     .into_iter()
-                    .map(|f| Ok((convert::chunk_id(&f.id)?, f.data)))
+                    .map(convert::frame)
                     .collect::<Result<Vec<_>>>()
                     .map_err(|e| protocol(e.to_string()))?;
                 metrics
                     .chunks_received
                     .fetch_add(frames.len() as u64, Relaxed);
-                metrics
-                    .frame_bytes_received
-                    .fetch_add(frames.iter().map(|(_, f)| f.len() as u64).sum(), Relaxed);
+                metrics.frame_bytes_received.fetch_add(
+                    frames.iter().map(|(_, f)| f.stored_len() as u64).sum(),
+                    Relaxed,
+                );
                 receiving.put(frames).await.map_err(|e| status(&e))?;
             }
             Some(Step::Commit(commit)) => {

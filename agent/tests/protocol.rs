@@ -106,11 +106,29 @@ fn offer(data: &[u8]) -> (Step, ChunkId) {
     (step, id)
 }
 
+/// The frame of `content` with its header apart from its payload, as a client sends it.
 fn frames(id: ChunkId, content: &[u8]) -> Step {
+    let frame = frame::encode(&Bytes::copy_from_slice(content), 3);
+    frame_parts(id, frame.header(), frame.payload().clone())
+}
+
+fn frame_parts(id: ChunkId, header: &[u8], payload: Bytes) -> Step {
     Step::Frames(pb::Frames {
         frames: vec![pb::Frame {
             id: Bytes::copy_from_slice(id.as_bytes()),
-            data: frame::encode(content, 3),
+            data: payload,
+            header: Bytes::copy_from_slice(header),
+        }],
+    })
+}
+
+/// The frame of `content` in one piece, as an agent sends what it stores.
+fn whole_frame(id: ChunkId, content: &[u8]) -> Step {
+    Step::Frames(pb::Frames {
+        frames: vec![pb::Frame {
+            id: Bytes::copy_from_slice(id.as_bytes()),
+            data: frame::encode(&Bytes::copy_from_slice(content), 3).to_bytes(),
+            header: Bytes::new(),
         }],
     })
 }
@@ -167,6 +185,14 @@ async fn lies_and_broken_conversations_leave_nothing() {
     let (other2, offered_other2, other2_id) = fresh(2);
     let (other3, offered_other3, other3_id) = fresh(3);
     let (other4, offered_other4, other4_id) = fresh(4);
+    let (other6, offered_other6, other6_id) = fresh(6);
+    let raw = noise(100_000, 9);
+    let (offered_raw, raw_id) = offer(&raw);
+    let raw_frame = frame::encode(&Bytes::from(raw.clone()), 3);
+    assert_eq!(
+        frame::FrameHeader::parse(raw_frame.header()).unwrap().codec,
+        frame::Codec::Raw
+    );
     // Same length as `other2`, one byte different.
     let mut flipped = other2.clone();
     flipped[0] ^= 1;
@@ -239,6 +265,26 @@ async fn lies_and_broken_conversations_leave_nothing() {
             "BLAKE3 digest is not 32 bytes",
         ),
         (
+            "a frame header of the wrong size",
+            vec![
+                begin(),
+                offered_other6,
+                frame_parts(other6_id, b"\x01\x01\x03", Bytes::from(other6.clone())),
+            ],
+            tonic::Code::InvalidArgument,
+            "a frame header of 3 bytes",
+        ),
+        (
+            "a header that does not describe its payload",
+            vec![
+                begin(),
+                offered_raw,
+                frame_parts(raw_id, raw_frame.header(), raw_frame.payload().slice(1..)),
+            ],
+            tonic::Code::InvalidArgument,
+            "header says 100000",
+        ),
+        (
             "no Begin",
             vec![offered_other.clone()],
             tonic::Code::InvalidArgument,
@@ -297,13 +343,14 @@ async fn lies_and_broken_conversations_leave_nothing() {
         assert_eq!(err.code(), code, "{what}: {err:?}");
         assert!(err.message().contains(says), "{what}: {}", err.message());
     }
-    // A claim may leave the BLAKE3 out: the agent hashes it itself.
+    // A claim may leave the BLAKE3 out: the agent hashes it itself. (And a frame may come
+    // whole, as agents copy what they store.)
     let (content, offered_fresh, fresh_id) = fresh(5);
     let sha256_only = agent
         .upload(vec![
             begin(),
             offered_fresh,
-            frames(fresh_id, &content),
+            whole_frame(fresh_id, &content),
             Step::Commit(pb::Commit {
                 length: content.len() as u64,
                 sha256: Bytes::copy_from_slice(&ContentDigests::of(&content).sha256),

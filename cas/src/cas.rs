@@ -792,8 +792,8 @@ impl<S: ChunkStore> Cas<S> {
                                 let new = frame::encode(&data, level);
                                 // Belt and braces: what replaces a good frame must decode to
                                 // the same chunk.
-                                frame::decode(&c.id, &new)?;
-                                Ok::<_, Error>((new.len() < old.len()).then_some((
+                                new.decode(&c.id)?;
+                                Ok::<_, Error>((new.stored_len() < old.len()).then_some((
                                     c.id,
                                     old.len() as u64,
                                     new,
@@ -809,7 +809,7 @@ impl<S: ChunkStore> Cas<S> {
                 report.chunks_examined += 1;
                 if let Some((id, old_len, new)) = job? {
                     report.bytes_before += old_len;
-                    report.bytes_after += new.len() as u64;
+                    report.bytes_after += new.stored_len() as u64;
                     batch.push((id, new));
                 }
             }
@@ -1033,7 +1033,7 @@ async fn store_chunk<S: ChunkStore>(
             None => frame::encode_raw(&chunk),
         })
         .await?;
-    let frame_len = frame.len() as u64;
+    let frame_len = frame.stored_len() as u64;
     inner.chunks.put_many(vec![(id, frame)]).await?;
     Ok((chunk_ref, lease, Some(frame_len)))
 }

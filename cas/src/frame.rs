@@ -78,6 +78,88 @@ impl FrameHeader {
     }
 }
 
+/// A frame as the chunk store takes it: its header and its payload, which need not share a
+/// buffer.
+///
+/// A raw frame's payload is the chunk itself, shared rather than copied. Joining the two into
+/// one buffer would copy every incompressible chunk once more on its way into a pack or onto
+/// the wire (1 GiB of a random file's upload), where the pack writes a record's header and its
+/// payload with separate writes anyway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    header: [u8; HEADER_LEN],
+    payload: Bytes,
+}
+
+impl Frame {
+    /// A frame held in one buffer (as a store reads it, or as a peer sends it), split without
+    /// a copy. Fails only when it is shorter than a header: nothing else is checked until it
+    /// is decoded.
+    pub fn from_bytes(frame: Bytes) -> std::result::Result<Self, String> {
+        let header = frame
+            .get(..HEADER_LEN)
+            .and_then(|h| <[u8; HEADER_LEN]>::try_from(h).ok())
+            .ok_or_else(|| format!("frame of {} bytes is shorter than its header", frame.len()))?;
+        Ok(Self {
+            header,
+            payload: frame.slice(HEADER_LEN..),
+        })
+    }
+
+    /// A frame whose header and payload came apart (see `Frame` in `artifacts.proto`). Fails
+    /// when `header` is not exactly a header's length.
+    pub fn from_parts(header: &[u8], payload: Bytes) -> std::result::Result<Self, String> {
+        let header = <[u8; HEADER_LEN]>::try_from(header).map_err(|_| {
+            format!(
+                "a frame header of {} bytes (a header has {HEADER_LEN})",
+                header.len()
+            )
+        })?;
+        Ok(Self { header, payload })
+    }
+
+    /// The header's bytes, unparsed.
+    pub fn header(&self) -> &[u8; HEADER_LEN] {
+        &self.header
+    }
+
+    /// The payload: zstd's output or, for a raw frame, the chunk.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Bytes the frame occupies stored: header and payload.
+    pub fn stored_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
+    /// The frame in one buffer, as a store returns it (a copy).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = Vec::with_capacity(self.stored_len());
+        out.extend_from_slice(&self.header);
+        out.extend_from_slice(&self.payload);
+        Bytes::from(out)
+    }
+
+    /// The chunk, checked against `id`; a raw frame's is its payload, without a copy. Never
+    /// allocates more than the declared length.
+    pub fn decode(&self, id: &ChunkId) -> Result<Bytes> {
+        let corrupt = |reason| Error::CorruptChunk { id: *id, reason };
+        let header = FrameHeader::parse(&self.header).map_err(corrupt)?;
+        let data = match header.codec {
+            Codec::Raw => {
+                check_raw(&header, &self.payload).map_err(corrupt)?;
+                self.payload.clone()
+            }
+            Codec::Zstd => Bytes::from(decompress(&header, &self.payload).map_err(corrupt)?),
+        };
+        if ChunkId::digest(&data) != *id {
+            return Err(corrupt("content does not hash to the chunk id".into()));
+        }
+        Ok(data)
+    }
+}
+
 /// A thread's zstd context (for one level) and the buffer it compresses into.
 struct Encoder {
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
@@ -91,11 +173,12 @@ thread_local! {
 }
 
 /// Encodes `chunk` as a frame: zstd at `level`, or raw when zstd does not shrink it or the
-/// chunk [looks incompressible](looks_incompressible) (then zstd is not tried).
+/// chunk [looks incompressible](looks_incompressible) (then zstd is not tried). A raw frame
+/// shares `chunk`.
 ///
 /// # Panics
 /// If `chunk` is longer than [`MAX_CHUNK_LEN`]; the chunker never produces such chunks.
-pub fn encode(chunk: &[u8], level: i32) -> Bytes {
+pub fn encode(chunk: &Bytes, level: i32) -> Frame {
     let len = frame_len(chunk);
     if looks_incompressible(chunk) {
         return encode_raw(chunk);
@@ -115,18 +198,27 @@ pub fn encode(chunk: &[u8], level: i32) -> Bytes {
         let compressed = !chunk.is_empty()
             && slot
                 .as_mut()
-                .is_some_and(|(_, c)| c.compress_to_buffer(chunk, scratch).is_ok())
+                .is_some_and(|(_, c)| c.compress_to_buffer(&chunk[..], scratch).is_ok())
             && scratch.len() < chunk.len();
         if !compressed {
             return encode_raw(chunk);
         }
         let level_byte = level.clamp(i8::MIN as i32, i8::MAX as i32) as i8;
-        let mut frame = Vec::with_capacity(HEADER_LEN + scratch.len());
-        frame.extend_from_slice(&[FRAME_VERSION, 1, level_byte as u8, 0]);
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(scratch);
-        Bytes::from(frame)
+        Frame {
+            header: header(Codec::Zstd, level_byte, len),
+            payload: Bytes::copy_from_slice(scratch),
+        }
     })
+}
+
+/// A frame header's bytes.
+fn header(codec: Codec, level: i8, len: u32) -> [u8; HEADER_LEN] {
+    let codec = match codec {
+        Codec::Raw => 0,
+        Codec::Zstd => 1,
+    };
+    let [a, b, c, d] = len.to_le_bytes();
+    [FRAME_VERSION, codec, level as u8, 0, a, b, c, d]
 }
 
 /// Bits per byte above which a chunk is stored raw without trying zstd: its entropy coder
@@ -177,52 +269,60 @@ fn frame_len(chunk: &[u8]) -> u32 {
         .expect("chunk longer than MAX_CHUNK_LEN")
 }
 
-/// Encodes `chunk` as a raw (uncompressed) frame.
-pub fn encode_raw(chunk: &[u8]) -> Bytes {
-    let len = frame_len(chunk);
-    let mut frame = Vec::with_capacity(HEADER_LEN + chunk.len());
-    frame.extend_from_slice(&[FRAME_VERSION, 0, 0, 0]);
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(chunk);
-    Bytes::from(frame)
-}
-
-/// Decodes a frame without checking it against an id. Never allocates more than the declared
-/// length (itself at most [`MAX_CHUNK_LEN`]).
-pub fn decode_unverified(frame: &[u8]) -> std::result::Result<Vec<u8>, String> {
-    let header = FrameHeader::parse(frame)?;
-    let payload = &frame[HEADER_LEN..];
-    let len = header.len as usize;
-    match header.codec {
-        Codec::Raw => {
-            if payload.len() != len {
-                return Err(format!(
-                    "raw payload is {} bytes, header says {len}",
-                    payload.len()
-                ));
-            }
-            Ok(payload.to_vec())
-        }
-        Codec::Zstd => {
-            let mut out = Vec::with_capacity(len);
-            DECOMPRESSOR.with(|cell| {
-                let mut slot = cell.borrow_mut();
-                if slot.is_none() {
-                    *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
-                }
-                let d = slot.as_mut().ok_or("no zstd context")?;
-                d.decompress_to_buffer(payload, &mut out)
-                    .map_err(|e| format!("zstd: {e}"))
-            })?;
-            if out.len() != len {
-                return Err(format!("decoded {} bytes, header says {len}", out.len()));
-            }
-            Ok(out)
-        }
+/// Encodes `chunk` as a raw (uncompressed) frame, sharing it.
+pub fn encode_raw(chunk: &Bytes) -> Frame {
+    Frame {
+        header: header(Codec::Raw, 0, frame_len(chunk)),
+        payload: chunk.clone(),
     }
 }
 
-/// Decodes a frame and checks that the bytes hash to `id`.
+/// Checks a raw payload's length against its header.
+fn check_raw(header: &FrameHeader, payload: &[u8]) -> std::result::Result<(), String> {
+    if payload.len() != header.len as usize {
+        return Err(format!(
+            "raw payload is {} bytes, header says {}",
+            payload.len(),
+            header.len
+        ));
+    }
+    Ok(())
+}
+
+/// Decompresses a zstd payload into at most the header's declared length.
+fn decompress(header: &FrameHeader, payload: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let len = header.len as usize;
+    let mut out = Vec::with_capacity(len);
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+        }
+        let d = slot.as_mut().ok_or("no zstd context")?;
+        d.decompress_to_buffer(payload, &mut out)
+            .map_err(|e| format!("zstd: {e}"))
+    })?;
+    if out.len() != len {
+        return Err(format!("decoded {} bytes, header says {len}", out.len()));
+    }
+    Ok(out)
+}
+
+/// Decodes a frame held in one buffer without checking it against an id. Never allocates
+/// more than the declared length (itself at most [`MAX_CHUNK_LEN`]).
+pub fn decode_unverified(frame: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let header = FrameHeader::parse(frame)?;
+    let payload = &frame[HEADER_LEN..];
+    match header.codec {
+        Codec::Raw => {
+            check_raw(&header, payload)?;
+            Ok(payload.to_vec())
+        }
+        Codec::Zstd => decompress(&header, payload),
+    }
+}
+
+/// Decodes a frame held in one buffer and checks that its content hashes to `id`.
 pub fn decode(id: &ChunkId, frame: &[u8]) -> Result<Bytes> {
     let data =
         decode_unverified(frame).map_err(|reason| Error::CorruptChunk { id: *id, reason })?;
@@ -238,34 +338,63 @@ pub fn decode(id: &ChunkId, frame: &[u8]) -> Result<Bytes> {
 /// [`decode`] for a frame held in [`Bytes`]: a raw frame's content is returned as a slice of
 /// it, without a copy (raw frames are the incompressible ones, often most of a binary).
 pub fn decode_shared(id: &ChunkId, frame: &Bytes) -> Result<Bytes> {
-    let header =
-        FrameHeader::parse(frame).map_err(|reason| Error::CorruptChunk { id: *id, reason })?;
-    if header.codec != Codec::Raw {
-        return decode(id, frame);
-    }
-    let payload = frame.slice(HEADER_LEN..);
-    if payload.len() != header.len as usize {
-        return Err(Error::CorruptChunk {
-            id: *id,
-            reason: format!(
-                "raw payload is {} bytes, header says {}",
-                payload.len(),
-                header.len
-            ),
-        });
-    }
-    if ChunkId::digest(&payload) != *id {
-        return Err(Error::CorruptChunk {
-            id: *id,
-            reason: "content does not hash to the chunk id".into(),
-        });
-    }
-    Ok(payload)
+    Frame::from_bytes(frame.clone())
+        .map_err(|reason| Error::CorruptChunk { id: *id, reason })?
+        .decode(id)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`encode`] of bytes held anywhere, joined into one buffer as a store returns it.
+    fn encoded(chunk: &[u8], level: i32) -> Bytes {
+        encode(&Bytes::copy_from_slice(chunk), level).to_bytes()
+    }
+
+    #[test]
+    fn a_raw_frame_shares_its_chunk_and_reads_back_in_parts_or_whole() {
+        let random: Bytes = (0..200_000u32)
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
+            .collect::<Vec<u8>>()
+            .into();
+        let text = Bytes::from(b"sloth ".repeat(10_000));
+        for (chunk, codec) in [(&random, Codec::Raw), (&text, Codec::Zstd)] {
+            let id = ChunkId::digest(chunk);
+            let frame = encode(chunk, 3);
+            assert_eq!(FrameHeader::parse(frame.header()).unwrap().codec, codec);
+            if codec == Codec::Raw {
+                assert_eq!(
+                    frame.payload().as_ptr(),
+                    chunk.as_ptr(),
+                    "shared, not copied"
+                );
+            }
+            let whole = frame.to_bytes();
+            assert_eq!(whole.len(), frame.stored_len());
+            assert_eq!(Frame::from_bytes(whole.clone()).unwrap(), frame);
+            let parts = Frame::from_parts(frame.header(), frame.payload().clone()).unwrap();
+            for read in [
+                parts.decode(&id).unwrap(),
+                decode(&id, &whole).unwrap(),
+                decode_shared(&id, &whole).unwrap(),
+            ] {
+                assert_eq!(read, chunk);
+            }
+            // One flipped bit anywhere, in the header or the payload, is refused.
+            let mut header = *frame.header();
+            header[4] ^= 1;
+            let bad = Frame::from_parts(&header, frame.payload().clone()).unwrap();
+            assert!(bad.decode(&id).is_err());
+            let mut payload = frame.payload().to_vec();
+            payload[frame.payload().len() / 2] ^= 1;
+            let bad = Frame::from_parts(frame.header(), payload.into()).unwrap();
+            assert!(bad.decode(&id).is_err());
+        }
+        assert!(Frame::from_bytes(Bytes::from_static(b"\x01\x00\x00")).is_err());
+        let err = Frame::from_parts(b"\x01\x00", Bytes::new()).unwrap_err();
+        assert!(err.contains("header"), "{err}");
+    }
 
     #[test]
     fn shared_decoding_matches_copying_decoding() {
@@ -276,7 +405,7 @@ mod tests {
                 .collect(),
         ] {
             let id = ChunkId::digest(&data);
-            let frame = encode(&data, 3);
+            let frame = encoded(&data, 3);
             assert_eq!(
                 decode_shared(&id, &frame).unwrap(),
                 decode(&id, &frame).unwrap()
@@ -291,7 +420,7 @@ mod tests {
     #[test]
     fn compressible_round_trip() {
         let data = b"sloth ".repeat(10_000);
-        let frame = encode(&data, 3);
+        let frame = encoded(&data, 3);
         let header = FrameHeader::parse(&frame).unwrap();
         assert_eq!(header.codec, Codec::Zstd);
         assert_eq!(header.level, 3);
@@ -304,7 +433,7 @@ mod tests {
         let data: Vec<u8> = (0..4096u32)
             .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
             .collect();
-        let frame = encode(&data, 3);
+        let frame = encoded(&data, 3);
         assert_eq!(FrameHeader::parse(&frame).unwrap().codec, Codec::Raw);
         assert_eq!(frame.len(), HEADER_LEN + data.len());
         assert_eq!(decode(&ChunkId::digest(&data), &frame).unwrap(), &data[..]);
@@ -339,18 +468,18 @@ mod tests {
         // Random bytes drawn from 128 values: 7 bits each, and zstd saves an eighth.
         let narrow: Vec<u8> = random.iter().map(|b| b & 0x7f).collect();
         assert!(!looks_incompressible(&narrow));
-        assert!(encode(&narrow, 3).len() < narrow.len() * 15 / 16);
+        assert!(encoded(&narrow, 3).len() < narrow.len() * 15 / 16);
         // Half random, half text: the text half is worth compressing.
         let mut mixed = random[..128 << 10].to_vec();
         mixed.extend_from_slice(&text[..128 << 10]);
         assert!(!looks_incompressible(&mixed));
         assert_eq!(
-            FrameHeader::parse(&encode(&mixed, 3)).unwrap().codec,
+            FrameHeader::parse(&encoded(&mixed, 3)).unwrap().codec,
             Codec::Zstd
         );
         // Whatever is judged, the frame reads back exact.
         for data in [&random, &text, &narrow, &mixed] {
-            let frame = encode(data, 3);
+            let frame = encoded(data, 3);
             assert_eq!(
                 &decode(&ChunkId::digest(data), &frame).unwrap()[..],
                 &data[..]
@@ -361,23 +490,23 @@ mod tests {
     #[test]
     fn raw_frames_round_trip_uncompressed() {
         let data = vec![7u8; 100_000];
-        let frame = encode_raw(&data);
+        let frame = encode_raw(&Bytes::from(data.clone())).to_bytes();
         assert_eq!(frame.len(), HEADER_LEN + data.len());
         assert_eq!(FrameHeader::parse(&frame).unwrap().codec, Codec::Raw);
         assert_eq!(decode(&ChunkId::digest(&data), &frame).unwrap(), &data[..]);
         // The same chunk through encode is compressed: raw is a choice, not a fallback here.
-        assert!(encode(&data, 3).len() < 1000);
+        assert!(encoded(&data, 3).len() < 1000);
     }
 
     #[test]
     fn empty_chunk_round_trips() {
-        let frame = encode(b"", 3);
+        let frame = encoded(b"", 3);
         assert_eq!(decode(&ChunkId::digest(b""), &frame).unwrap(), &b""[..]);
     }
 
     #[test]
     fn wrong_id_is_corrupt() {
-        let frame = encode(b"abc", 3);
+        let frame = encoded(b"abc", 3);
         let err = decode(&ChunkId::digest(b"abd"), &frame).unwrap_err();
         assert!(matches!(err, Error::CorruptChunk { .. }), "{err}");
     }
@@ -385,7 +514,7 @@ mod tests {
     #[test]
     fn declared_length_bounds_decompression() {
         let data = vec![0u8; 1 << 20];
-        let mut frame = encode(&data, 3).to_vec();
+        let mut frame = encoded(&data, 3).to_vec();
         // Claim the chunk is smaller than the zstd frame really expands to.
         frame[4..8].copy_from_slice(&1000u32.to_le_bytes());
         assert!(decode_unverified(&frame).is_err());

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 
+use crate::frame::{Frame, HEADER_LEN};
 use crate::store::{ChunkStore, StoredChunk, blocking};
 use crate::{ChunkId, Error, Result};
 
@@ -310,10 +311,23 @@ impl PackInner {
         Ok(file)
     }
 
-    /// Appends one record to the current pack (starting a new one when needed).
-    fn append(&self, state: &mut WriteState, id: &ChunkId, frame: &[u8]) -> Result<Loc> {
-        let frame_len =
-            u32::try_from(frame.len()).map_err(|_| Error::Task("frame over 4 GiB".into()))?;
+    /// Appends one record to the current pack (starting a new one when needed). Its frame is
+    /// `head` followed by `body`: a frame's header and payload, or nothing and a whole frame.
+    fn append(
+        &self,
+        state: &mut WriteState,
+        id: &ChunkId,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<Loc> {
+        let frame_len = u32::try_from(head.len() + body.len())
+            .map_err(|_| Error::Task("frame over 4 GiB".into()))?;
+        if head.len() > HEADER_LEN {
+            return Err(Error::Task(format!(
+                "a frame header of {} bytes (a header has {HEADER_LEN})",
+                head.len()
+            )));
+        }
         if state
             .writer
             .as_ref()
@@ -322,11 +336,14 @@ impl PackInner {
             self.start_pack(state)?;
         }
         let w = state.writer.as_mut().expect("started above");
-        let mut header = [0u8; RECORD_HEADER_LEN as usize];
-        header[..32].copy_from_slice(id.as_bytes());
-        header[32..].copy_from_slice(&frame_len.to_le_bytes());
-        w.file.write_all_at(&header, w.len)?;
-        w.file.write_all_at(frame, w.len + RECORD_HEADER_LEN)?;
+        // The record's header and the frame's in one write, then the payload.
+        let mut start = [0u8; RECORD_HEADER_LEN as usize + HEADER_LEN];
+        let start_len = RECORD_HEADER_LEN as usize + head.len();
+        start[..32].copy_from_slice(id.as_bytes());
+        start[32..36].copy_from_slice(&frame_len.to_le_bytes());
+        start[36..start_len].copy_from_slice(head);
+        w.file.write_all_at(&start[..start_len], w.len)?;
+        w.file.write_all_at(body, w.len + start_len as u64)?;
         let loc = Loc {
             pack: w.pack,
             offset: w.len,
@@ -438,14 +455,14 @@ impl PackInner {
     /// Appends new frames for stored chunks, makes them durable, then switches each index
     /// entry from the old location to the new one (compare-and-swap: a chunk deleted or moved
     /// meanwhile keeps what it has). The old frames become dead space for compaction.
-    fn replace_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<u64> {
+    fn replace_many(&self, frames: Vec<(ChunkId, Frame)>) -> Result<u64> {
         let _one_at_a_time = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
         // Index everything pending first, so every old location is in sled.
         self.sync()?;
         let mut moves = Vec::with_capacity(frames.len());
         for (id, frame) in frames {
             if let Some(old) = self.index.get(id.as_bytes())?.and_then(|v| Loc::decode(&v)) {
-                moves.push((id, old, frame));
+                moves.push((id, old, frame.to_bytes()));
             }
         }
         self.append_and_switch(moves)
@@ -459,7 +476,7 @@ impl PackInner {
         for (id, old, frame) in moves {
             let new = {
                 let mut state = self.lock();
-                self.append(&mut state, &id, &frame)?
+                self.append(&mut state, &id, &[], &frame)?
             };
             moved.push((id, old, new));
         }
@@ -569,7 +586,7 @@ impl ChunkStore for PackStore {
             .collect()
     }
 
-    async fn put_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<()> {
+    async fn put_many(&self, frames: Vec<(ChunkId, Frame)>) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         blocking(move || {
             let mut state = inner.lock();
@@ -577,7 +594,7 @@ impl ChunkStore for PackStore {
                 if inner.contains(&state, &id)? {
                     continue;
                 }
-                let loc = inner.append(&mut state, &id, &frame)?;
+                let loc = inner.append(&mut state, &id, frame.header(), frame.payload())?;
                 state.pending.insert(id, loc);
             }
             Ok(())
@@ -671,7 +688,7 @@ impl ChunkStore for PackStore {
         blocking(move || inner.compact()).await
     }
 
-    async fn replace_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<u64> {
+    async fn replace_many(&self, frames: Vec<(ChunkId, Frame)>) -> Result<u64> {
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.replace_many(frames)).await
     }
@@ -682,9 +699,10 @@ mod tests {
     use super::*;
     use crate::frame;
 
-    fn chunk(seed: u8) -> (ChunkId, Bytes, Vec<u8>) {
+    fn chunk(seed: u8) -> (ChunkId, Frame, Vec<u8>) {
         let data = vec![seed; 10_000];
-        (ChunkId::digest(&data), frame::encode(&data, 3), data)
+        let frame = frame::encode(&Bytes::from(data.clone()), 3);
+        (ChunkId::digest(&data), frame, data)
     }
 
     /// A failed pack sync (here a background one's error) fails that sync and every later one,

@@ -19,9 +19,10 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::cas::{Lease, Staged};
+use crate::frame::Frame;
 use crate::manifest::{ChunkRef, Claim, ContentDigests, ContentHasher};
 use crate::store::ChunkStore;
-use crate::{Cas, ChunkId, Error, IngestStats, MAX_CHUNK_LEN, Manifest, Result, frame};
+use crate::{Cas, ChunkId, Error, IngestStats, MAX_CHUNK_LEN, Manifest, Result};
 
 /// Most chunks one received content may have (with the smallest average chunk size, 64 KiB,
 /// this is 256 GiB of content). Bounds the memory a receive holds for its chunk list.
@@ -262,7 +263,7 @@ impl<S: ChunkStore, W> Receiver<S, W> {
 
     /// Checks each frame against its chunk id and declared length, stores it as it came and
     /// hands its content to the assembler. Only chunks this receive asked for are accepted.
-    pub async fn put(&mut self, frames: Vec<(ChunkId, Bytes)>) -> Result<()> {
+    pub async fn put(&mut self, frames: Vec<(ChunkId, Frame)>) -> Result<()> {
         let mut checks = Vec::with_capacity(frames.len());
         for (id, data) in frames {
             let Some((len, waiting)) = self.awaited.remove(&id) else {
@@ -278,9 +279,7 @@ impl<S: ChunkStore, W> Receiver<S, W> {
                 let cas = cas.clone();
                 async move {
                     let frame = data.clone();
-                    let decoded = cas
-                        .on_cpu(move || frame::decode_shared(&id, &frame))
-                        .await??;
+                    let decoded = cas.on_cpu(move || frame.decode(&id)).await??;
                     if decoded.len() != len as usize {
                         return Err(Error::Rejected(format!(
                             "chunk {id} decodes to {} bytes, offered as {len}",
@@ -298,7 +297,7 @@ impl<S: ChunkStore, W> Receiver<S, W> {
         for (id, data, decoded, waiting) in checked {
             self.stats.new_chunks += 1;
             self.stats.new_bytes += decoded.len() as u64;
-            self.stats.new_stored_bytes += data.len() as u64;
+            self.stats.new_stored_bytes += data.stored_len() as u64;
             frames.push((id, data));
             deliveries.push((decoded, waiting));
         }

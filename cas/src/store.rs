@@ -6,6 +6,7 @@ use std::sync::RwLock;
 
 use bytes::Bytes;
 
+use crate::frame::Frame;
 use crate::{ChunkId, Result};
 
 /// A chunk id with the size of its stored frame.
@@ -21,14 +22,15 @@ pub struct StoredChunk {
 ///
 /// Batch-oriented and async so that a remote object store can implement it as well as the
 /// embedded one: every call may be a network round trip. Frames are opaque here; verifying
-/// them is the caller's job. `put_many` of an id that is already present is a no-op (content
+/// them is the caller's job. They go in as [`Frame`]s (a header and a payload, which a store
+/// writes one after the other) and come back as one buffer. `put_many` of an id that is already present is a no-op (content
 /// addressing makes both frames decode to the same bytes).
 pub trait ChunkStore: Send + Sync + 'static {
     /// For each id, in order, whether the store holds it.
     fn has_many(&self, ids: &[ChunkId]) -> impl Future<Output = Result<Vec<bool>>> + Send;
 
     /// Stores frames. They need not be durable until [`ChunkStore::sync`] returns.
-    fn put_many(&self, frames: Vec<(ChunkId, Bytes)>) -> impl Future<Output = Result<()>> + Send;
+    fn put_many(&self, frames: Vec<(ChunkId, Frame)>) -> impl Future<Output = Result<()>> + Send;
 
     /// The frame stored under `id`, if any.
     fn get(&self, id: ChunkId) -> impl Future<Output = Result<Option<Bytes>>> + Send;
@@ -67,7 +69,7 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// chunk. Returns how many were replaced; the default (a store that cannot) replaces none.
     fn replace_many(
         &self,
-        frames: Vec<(ChunkId, Bytes)>,
+        frames: Vec<(ChunkId, Frame)>,
     ) -> impl Future<Output = Result<u64>> + Send {
         let _ = frames;
         async { Ok(0) }
@@ -112,10 +114,10 @@ impl ChunkStore for MemoryChunkStore {
         Ok(ids.iter().map(|id| map.contains_key(id)).collect())
     }
 
-    async fn put_many(&self, frames: Vec<(ChunkId, Bytes)>) -> Result<()> {
+    async fn put_many(&self, frames: Vec<(ChunkId, Frame)>) -> Result<()> {
         let mut map = self.write();
         for (id, frame) in frames {
-            map.entry(id).or_insert(frame);
+            map.entry(id).or_insert_with(|| frame.to_bytes());
         }
         Ok(())
     }

@@ -5,10 +5,11 @@ mod common;
 
 use bytes::Bytes;
 use common::{random_bytes, read_all, small_chunks, text_bytes};
-use sloth_cas::{Cas, ChunkId, ChunkRef, Claim, ContentDigests, Error, Manifest, frame};
+use sloth_cas::frame::{self, Frame};
+use sloth_cas::{Cas, ChunkId, ChunkRef, Claim, ContentDigests, Error, Manifest};
 
 /// What a sender computes: the chunk list and each chunk's frame.
-fn cut(cas: &Cas, data: &[u8]) -> (Vec<ChunkRef>, Vec<Bytes>) {
+fn cut(cas: &Cas, data: &[u8]) -> (Vec<ChunkRef>, Vec<Frame>) {
     let mut refs = Vec::new();
     let mut frames = Vec::new();
     let mut at = 0;
@@ -19,7 +20,7 @@ fn cut(cas: &Cas, data: &[u8]) -> (Vec<ChunkRef>, Vec<Bytes>) {
             id: ChunkId::digest(chunk),
             len: len as u32,
         });
-        frames.push(frame::encode(chunk, 3));
+        frames.push(frame::encode(&Bytes::copy_from_slice(chunk), 3));
     }
     (refs, frames)
 }

@@ -1171,7 +1171,10 @@ impl Receiving {
     }
 
     /// See [`Receiver::put`].
-    pub async fn put(&mut self, frames: Vec<(sloth_cas::ChunkId, bytes::Bytes)>) -> Result<()> {
+    pub async fn put(
+        &mut self,
+        frames: Vec<(sloth_cas::ChunkId, sloth_cas::frame::Frame)>,
+    ) -> Result<()> {
         Ok(self.receiver_mut()?.put(frames).await?)
     }
 

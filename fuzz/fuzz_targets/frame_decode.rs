@@ -1,22 +1,28 @@
-//! Arbitrary bytes as a chunk frame: decoding must never panic, and whatever decodes must agree
-//! with its header and survive a round trip through `frame::encode`.
+//! Arbitrary bytes as a chunk frame: decoding must never panic, whatever decodes must agree
+//! with its header and survive a round trip through `frame::encode`, and a frame split into
+//! header and payload (as uploads send it) decodes exactly as the same bytes whole.
 
 #![no_main]
 
+use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use sloth_cas::frame::{self, Codec, FrameHeader, HEADER_LEN};
+use sloth_cas::frame::{self, Codec, Frame, FrameHeader, HEADER_LEN};
 use sloth_cas::{ChunkId, Error, MAX_CHUNK_LEN};
 
 fuzz_target!(|data: &[u8]| {
     // The input as a chunk, too: any chunk encodes to a frame that decodes back to it.
     if data.len() <= MAX_CHUNK_LEN as usize {
-        let framed = frame::encode(data, 3);
+        let framed = frame::encode(&Bytes::copy_from_slice(data), 3);
         assert!(
-            framed.len() <= HEADER_LEN + data.len(),
+            framed.stored_len() <= HEADER_LEN + data.len(),
             "encode grew the chunk"
         );
-        let back =
-            frame::decode(&ChunkId::digest(data), &framed).expect("encoded chunk does not decode");
+        let id = ChunkId::digest(data);
+        let back = frame::decode(&id, &framed.to_bytes()).expect("encoded chunk does not decode");
+        assert_eq!(&back[..], data);
+        let back = framed
+            .decode(&id)
+            .expect("encoded chunk does not decode in parts");
         assert_eq!(&back[..], data);
     }
 
@@ -25,7 +31,16 @@ fuzz_target!(|data: &[u8]| {
 
     // `decode` against an id the input chooses (almost always the wrong one).
     if let Some(id) = data.get(..ChunkId::LEN).and_then(ChunkId::from_slice) {
-        match frame::decode(&id, data) {
+        let whole = frame::decode(&id, data);
+        let parts = Frame::from_bytes(Bytes::copy_from_slice(data))
+            .expect("longer than a chunk id, so than a header")
+            .decode(&id);
+        match (&whole, &parts) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "whole and split decode to different bytes"),
+            (Err(_), Err(_)) => {}
+            _ => panic!("whole and split disagree: {whole:?} against {parts:?}"),
+        }
+        match whole {
             Ok(out) => {
                 // Only possible when the content really hashes to the id.
                 assert_eq!(ChunkId::digest(&out), id);
@@ -65,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(&verified[..], &out[..]);
 
     // Re-encoding gives a frame no larger than raw storage that decodes to the same bytes.
-    let again = frame::encode(&out, 3);
+    let again = frame::encode(&Bytes::from(out.clone()), 3).to_bytes();
     assert!(
         again.len() <= HEADER_LEN + out.len(),
         "encode grew the chunk"

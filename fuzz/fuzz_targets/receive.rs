@@ -95,7 +95,10 @@ fuzz_target!(|ops: Vec<Op>| {
                     let frames = list
                         .iter()
                         .take(16)
-                        .map(|&(claimed, actual)| (id(claimed), frame::encode(piece(actual), 3)))
+                        .map(|&(claimed, actual)| {
+                            let chunk = bytes::Bytes::from_static(piece(actual));
+                            (id(claimed), frame::encode(&chunk, 3))
+                        })
                         .collect();
                     if receiver.put(frames).await.is_err() {
                         return;
