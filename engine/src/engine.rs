@@ -113,8 +113,23 @@ pub struct Engine {
     /// Serializes catalog changes, and the projection updates that follow each, so that what
     /// is read before a transaction still holds in it and projections apply in commit order.
     write: tokio::sync::Mutex<()>,
-    /// The layout objects an earlier process left unsynced, being synced since the open.
+    /// The thread syncing the layout objects uploads left unsynced, while one runs (see
+    /// [`Engine::settle_layout`]).
     settling: std::sync::Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
+}
+
+impl Drop for Engine {
+    /// Waits for a sync of layout objects still running: cut short by the process's exit, it
+    /// would leave the next open unable to tell whether it failed, and so writing its objects
+    /// again (see `layout.rs`).
+    fn drop(&mut self) {
+        let slot = self.settling.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(Ok(Err(e))) = slot.take().map(std::thread::JoinHandle::join) {
+            tracing::warn!(
+                "syncing the layout's new objects failed (the next open rewrites them): {e}"
+            );
+        }
+    }
 }
 
 impl Engine {
@@ -305,34 +320,62 @@ impl Engine {
 
     /// Makes the layout objects uploads named without waiting for their bytes durable, so
     /// that a machine crash no longer has to rewrite them (see `layout.rs`). A running agent
-    /// calls this every [`crate::SETTLE_EVERY`] and when it stops; an open does it itself.
-    /// The syncing runs on a blocking thread, outside the catalog lock.
+    /// calls this every [`crate::SETTLE_EVERY`] and when it stops; an open starts it itself.
+    /// The syncing runs on a thread of its own, outside the catalog lock. When a sync fails,
+    /// its objects are written again from the store at once (a retry could not be trusted),
+    /// and the failure is returned.
+    ///
+    /// Safe to cancel: a sync under way is waited for by the next call, or by the drop.
     pub async fn settle_layout(&self) -> Result<()> {
         let Some(layout) = &self.layout else {
             return Ok(());
         };
-        let since_open = self
-            .settling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(thread) = since_open {
-            tokio::task::spawn_blocking(move || thread.join())
-                .await
-                .map_err(|e| Error::Io(std::io::Error::other(e)))?
-                .map_err(|_| Error::Io(std::io::Error::other("the settling thread panicked")))??;
-        }
-        let set_aside = {
-            let _write = self.write.lock().await;
-            layout.begin_settling()?
-        };
-        match set_aside {
-            Some((objects, boot)) => {
-                tokio::task::spawn_blocking(move || crate::layout::finish_settling(&objects, &boot))
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        // A sync started earlier (at open, or by a call cancelled since) finishes first.
+        let mut synced = self.join_settling().await;
+        if synced.is_ok() {
+            let set_aside = {
+                let _write = self.write.lock().await;
+                layout.begin_settling()?
+            };
+            if let Some((objects, boot)) = set_aside {
+                let thread =
+                    std::thread::spawn(move || crate::layout::finish_settling(&objects, &boot));
+                *self.settling.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+                synced = self.join_settling().await;
             }
-            None => Ok(()),
+        }
+        if synced.is_err() {
+            let rewritten = {
+                let _write = self.write.lock().await;
+                layout.rewrite_untrusted()
+            };
+            match rewritten {
+                Ok(true) => warn_stale(self.rebuild_projections().await),
+                Ok(false) => {}
+                Err(e) => warn_stale(Err(e)),
+            }
+        }
+        synced
+    }
+
+    /// Waits for the thread in `self.settling`, if any, and returns how its sync went. The
+    /// thread stays in the slot until it has finished, so a cancelled wait leaves it for the
+    /// next.
+    async fn join_settling(&self) -> Result<()> {
+        loop {
+            {
+                let mut slot = self.settling.lock().unwrap_or_else(|e| e.into_inner());
+                match slot.take() {
+                    None => return Ok(()),
+                    Some(thread) if thread.is_finished() => {
+                        return thread.join().map_err(|_| {
+                            Error::Io(std::io::Error::other("the settling thread panicked"))
+                        })?;
+                    }
+                    running => *slot = running,
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 
@@ -1008,13 +1051,14 @@ impl Engine {
     pub(crate) async fn rebuild_projections(&self) -> Result<()> {
         let _write = self.write.lock().await;
         let generation = self.generation()?;
-        self.rebuild_sqlite(generation)?;
+        // One projection failing does not keep the other from being repaired.
+        let sqlite = self.rebuild_sqlite(generation);
         if let Some(layout) = &self.layout {
             layout
                 .rebuild(&self.cas, &self.shown_in_layout()?, generation)
                 .await?;
         }
-        Ok(())
+        sqlite
     }
 
     /// Removes the layout's materialized object of `record`'s content (found not to match it).
@@ -1113,14 +1157,16 @@ impl Engine {
     async fn rebuild_stale_projections(&self) -> Result<()> {
         // Only the generations are compared on every open: reading the catalog is for repairs.
         let generation = self.generation()?;
-        if self.sqlite.generation()? != Some(generation)
-            || self.sqlite.layout_flag()? != Some(self.layout.is_some())
-        {
-            tracing::info!("rebuilding metadata.db at generation {generation}");
-            self.rebuild_sqlite(generation)?;
-        } else {
-            self.sqlite.confirm_current()?;
-        }
+        // One projection failing does not keep the other from being repaired.
+        let sqlite = match (self.sqlite.generation(), self.sqlite.layout_flag()) {
+            (Ok(g), Ok(flag)) if g == Some(generation) && flag == Some(self.layout.is_some()) => {
+                self.sqlite.confirm_current()
+            }
+            _ => {
+                tracing::info!("rebuilding metadata.db at generation {generation}");
+                self.rebuild_sqlite(generation)
+            }
+        };
         if let Some(layout) = &self.layout
             && layout.generation()? != Some(generation)
         {
@@ -1136,7 +1182,7 @@ impl Engine {
                 .rebuild(&self.cas, &self.shown_in_layout()?, generation)
                 .await?;
         }
-        Ok(())
+        sqlite
     }
 }
 

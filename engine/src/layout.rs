@@ -16,11 +16,16 @@
 //! - In the same boot (only the process stopped; the kernel still holds every byte written),
 //!   the list is renamed `.unsynced.settling` (uploads go on listing into a fresh one), the
 //!   listed objects are synced on a thread of their own, and the list is removed. The next
-//!   open does this, and a running agent every [`SETTLE_EVERY`] and when it stops; a process
-//!   that exits first leaves the rest to the next.
+//!   open does this, and a running agent every [`SETTLE_EVERY`] and when it stops; an engine
+//!   that is dropped waits for the thread.
 //! - An open in another boot (the machine went down; a listed object may have lost its
 //!   tail), or after a sync failed, marks the layout stale, deletes the listed objects and
-//!   then the lists; the repair that follows writes them again from the store.
+//!   then the lists; the repair that follows writes them again from the store. A running
+//!   agent whose sync fails does the same at once.
+//! - So does an open that finds `.unsynced.settling`: its settler stopped (a killed
+//!   process) without saying how the sync went, and a sync that failed may have used up the
+//!   report of the failure (Linux reports a failed writeback once), so syncing again could
+//!   succeed over lost bytes.
 //! - Until then `metadata.db` does not answer for the store (the paths it would print may
 //!   show damaged copies; see `ProjectedCatalog`), so `list` and `show` open the store, which
 //!   repairs it. Programs that read `artifacts/` directly should run after the agent (or any
@@ -229,53 +234,60 @@ impl Layout {
     }
 
     /// Deals with the lists of unsynced objects (see the module docs) when the store opens:
-    /// marks the layout stale and deletes the objects that may have lost bytes, so that the
-    /// repair writes them again, and removes their lists. Lists of this boot's objects are
-    /// left to [`finish_settling`], which the caller runs on a thread of its own: a command
-    /// right after a large upload then does not wait for the upload's object to reach the
-    /// disk before it starts. Returns what to give it, as [`Layout::begin_settling`] does.
+    /// rewrites what may have lost bytes ([`Layout::rewrite_untrusted`]) and sets the current
+    /// list aside for [`finish_settling`], which the caller runs on a thread of its own: a
+    /// command right after a large upload then does not wait for the upload's object to reach
+    /// the disk before it starts. Returns what to give it, as [`Layout::begin_settling`] does.
     pub(crate) fn settle_at_open(&self) -> Result<Option<(PathBuf, String)>> {
+        self.rewrite_untrusted()?;
+        self.begin_settling()
+    }
+
+    /// Marks the layout stale and deletes the objects that may have lost bytes, then removes
+    /// their lists, so that a rebuild writes them again from the store. Those are the objects
+    /// of every list but the current one of this boot: lists from another boot or of a failed
+    /// sync, and a list set aside for syncing whose settler did not finish (see the module
+    /// docs). Returns whether there were any (the layout then needs a rebuild). Runs at open
+    /// or under the catalog lock, while no sync of a list is running.
+    pub(crate) fn rewrite_untrusted(&self) -> Result<bool> {
         let lists = self.lists()?;
         let mut rewrite = Vec::new();
         let mut all = false;
-        for (_, verdict) in &lists {
+        let mut untrusted = Vec::new();
+        for (path, verdict) in &lists {
             match verdict {
-                Verdict::Sync(_) => {}
-                Verdict::Rewrite(listed) => rewrite.extend_from_slice(listed),
+                Verdict::Sync(_) if path.ends_with(UNSYNCED) => continue,
+                Verdict::Sync(listed) | Verdict::Rewrite(listed) => {
+                    rewrite.extend_from_slice(listed);
+                }
                 Verdict::RewriteAll => all = true,
             }
+            untrusted.push(path);
         }
-        if all || !rewrite.is_empty() {
-            tracing::warn!(
-                "objects of the artifacts/ layout were written before the machine restarted \
-                 (or failed to sync) and may be incomplete: writing them again from the store"
-            );
-            self.mark_stale()?;
-            if all {
-                self.remove_objects(|_| true)?;
-            } else {
-                for manifest in rewrite {
-                    remove_if_exists(&object_in(&self.objects, manifest))?;
-                }
-            }
-            // The stale mark and the deletions must be on disk before the lists go.
-            File::open(&self.objects)
-                .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from))
-                .map_err(at(&self.objects))?;
+        if untrusted.is_empty() {
+            return Ok(false);
         }
-        for (path, verdict) in &lists {
-            if !matches!(verdict, Verdict::Sync(_)) {
-                remove_if_exists(path)?;
+        tracing::warn!(
+            "objects of the artifacts/ layout were written before the machine restarted, or \
+             their sync failed or was cut short, and may be incomplete: writing them again \
+             from the store"
+        );
+        self.mark_stale()?;
+        if all {
+            self.remove_objects(|_| true)?;
+        } else {
+            for manifest in rewrite {
+                remove_if_exists(&object_in(&self.objects, manifest))?;
             }
         }
-        // A list a process stopped settling is settled first; the current one waits.
-        let settling = lists
-            .iter()
-            .any(|(path, v)| path.ends_with(SETTLING) && matches!(v, Verdict::Sync(_)));
-        match (settling, &self.boot) {
-            (true, Some(boot)) => Ok(Some((self.objects.clone(), boot.clone()))),
-            _ => self.begin_settling(),
+        // The stale mark and the deletions must be on disk before the lists go.
+        File::open(&self.objects)
+            .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from))
+            .map_err(at(&self.objects))?;
+        for path in untrusted {
+            remove_if_exists(path)?;
         }
+        Ok(true)
     }
 
     /// Sets the current list aside for [`finish_settling`], under the catalog lock; returns
@@ -302,7 +314,7 @@ impl Layout {
 
     /// Writes a generation marker that matches no generation: the next open rebuilds the
     /// layout, and nothing advances the marker before that.
-    fn mark_stale(&self) -> Result<()> {
+    pub(crate) fn mark_stale(&self) -> Result<()> {
         self.write_marker(STALE)
     }
 
@@ -383,8 +395,10 @@ impl Layout {
         object_in(&self.objects, record.manifest)
     }
 
-    /// Removes the materialized object of `record`'s content, if any.
+    /// Removes the materialized object of `record`'s content, if any, found not to match it.
+    /// Links to it may still show the wrong bytes: the layout is marked stale until rebuilt.
     pub(crate) fn discard_object(&self, record: &ArtifactRecord) -> Result<()> {
+        self.mark_stale()?;
         self.remove_object(&self.object_path(record))
     }
 
@@ -447,8 +461,9 @@ impl Layout {
                 let dir = path.parent().expect("has a parent");
                 std::fs::create_dir_all(dir).map_err(at(&dir))?;
                 // A short temporary name: `.{name}…` would pass the file-name limit for long
-                // names. Unique per process, and layout changes run under the catalog lock.
-                let tmp = dir.join(format!(".sloth-link-{}", std::process::id()));
+                // names. Unique per process (layout changes run under the catalog lock), and
+                // with `..` in it no artifact can be called so (see `Name::parse`).
+                let tmp = dir.join(format!("..sloth-link-{}", std::process::id()));
                 let _ = std::fs::remove_file(&tmp);
                 std::fs::hard_link(&object, &tmp).map_err(at(&tmp))?;
                 std::fs::rename(&tmp, &path).map_err(at(&tmp))?;
@@ -545,20 +560,35 @@ impl Layout {
     /// Recreates the whole layout from the newest version of every artifact. Objects that
     /// are there are reused: the caller deals with those that may have lost bytes first
     /// ([`Layout::settle_at_open`]).
+    ///
+    /// The layout is marked stale first: a rebuild that stops halfway (a full disk) leaves it
+    /// so, never claiming a generation it does not show. A version whose content cannot be
+    /// read (a damaged chunk `verify` has not marked yet) is left out and the rest rebuilt;
+    /// the layout then stays stale and the error is returned.
     pub(crate) async fn rebuild(
         &self,
         cas: &Cas,
         newest: &[ArtifactRecord],
         generation: u64,
     ) -> Result<()> {
+        self.mark_stale()?;
         if self.root.exists() {
             std::fs::remove_dir_all(&self.root).map_err(at(&self.root))?;
         }
         std::fs::create_dir_all(&self.root).map_err(at(&self.root))?;
+        let mut unreadable = None;
         for record in newest {
-            self.replace(cas, &record.key()?, Some(record)).await?;
+            match self.replace(cas, &record.key()?, Some(record)).await {
+                Err(e @ Error::Damaged { .. }) => {
+                    unreadable.get_or_insert(e);
+                }
+                other => other?,
+            }
         }
         self.remove_unused_objects()?;
-        self.set_generation(generation)
+        match unreadable {
+            Some(e) => Err(e),
+            None => self.set_generation(generation),
+        }
     }
 }

@@ -5,6 +5,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use sloth_cas::ChunkStore;
 use sloth_engine::{ArtifactKey, ArtifactRecord, Engine, EngineConfig, ProjectedCatalog};
 
 fn bytes(seed: u8, len: usize) -> Vec<u8> {
@@ -102,8 +103,8 @@ async fn uploads_list_their_objects_until_they_are_synced() {
     assert_eq!(identity(&shown), before);
     assert_eq!(std::fs::read(&shown).unwrap(), bytes(3, 300_000));
 
-    // A list an agent was settling when it stopped is settled by the next open, its
-    // objects kept; the current list is settled after it.
+    // A list whose settler was killed is not trusted: the sync may have failed with nobody
+    // left to say so, and a second one would not report it. Its objects are written again.
     upload(&engine, "d.bin", &bytes(4, 300_000)).await;
     drop(engine);
     let settling = dir.path().join("objects/.unsynced.settling");
@@ -115,7 +116,94 @@ async fn uploads_list_their_objects_until_they_are_synced() {
     let engine = open(dir.path()).await;
     engine.settle_layout().await.unwrap();
     assert!(!settling.exists() && !unsynced(dir.path()).exists());
-    assert_eq!(identity(&shown), before);
+    let rewritten = engine.layout_path(&c).unwrap();
+    assert_ne!(identity(&rewritten), before);
+    assert_eq!(std::fs::read(&rewritten).unwrap(), bytes(3, 300_000));
+    assert!(ProjectedCatalog::open(dir.path(), true).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_whose_sync_fails_writes_the_objects_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    engine.settle_layout().await.unwrap();
+    let a = upload(&engine, "a.bin", &bytes(1, 200_000)).await;
+    // Something that cannot be opened, let alone synced, where a's object is listed (the
+    // link in artifacts/ keeps the old inode).
+    let object = dir
+        .path()
+        .join("objects")
+        .join(&a.manifest.to_hex()[..2])
+        .join(a.manifest.to_hex());
+    std::fs::remove_file(&object).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(&object).unwrap();
+
+    let err = engine.settle_layout().await.unwrap_err();
+    assert!(err.to_string().contains(&a.manifest.to_hex()), "{err}");
+    // Written again from the store at once, and no list left to settle.
+    assert!(std::fs::metadata(&object).unwrap().is_file());
+    let shown = engine.layout_path(&a).unwrap();
+    assert_eq!(identity(&shown), identity(&object));
+    assert_eq!(std::fs::read(&shown).unwrap(), bytes(1, 200_000));
+    assert!(!dir.path().join("objects/.unsynced.settling").exists());
+    assert!(ProjectedCatalog::open(dir.path(), true).is_some());
+    engine.settle_layout().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_that_fails_leaves_the_layout_marked_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    let a = upload(&engine, "a.bin", &bytes(1, 200_000)).await;
+    engine.settle_layout().await.unwrap();
+    let shown = engine.layout_path(&a).unwrap();
+    tear(&shown);
+    // The repair's rewrite of a's object cannot create its temporary file.
+    let hex = a.manifest.to_hex();
+    let blocker = dir
+        .path()
+        .join("objects")
+        .join(&hex[..2])
+        .join(format!(".{hex}.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    assert!(engine.verify(None, true, "alice").await.is_err());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("objects/.generation")).unwrap(),
+        "stale"
+    );
+    assert!(ProjectedCatalog::open(dir.path(), true).is_none());
+
+    // Out of the way, the next open rebuilds it.
+    std::fs::remove_dir_all(&blocker).unwrap();
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert_eq!(
+        std::fs::read(engine.layout_path(&a).unwrap()).unwrap(),
+        bytes(1, 200_000)
+    );
+    assert!(ProjectedCatalog::open(dir.path(), true).is_some());
+
+    // Missing rather than wrong, nothing is discarded: the rebuild itself marks the layout
+    // stale before it takes artifacts/ down, and a failure leaves it so.
+    std::fs::remove_file(engine.layout_path(&a).unwrap()).unwrap();
+    std::fs::remove_file(blocker.with_file_name(&hex)).unwrap();
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    assert!(engine.verify(None, true, "alice").await.is_err());
+    assert!(ProjectedCatalog::open(dir.path(), true).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_named_like_a_temporary_link_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    let dotted = format!(".sloth-link-{}", std::process::id());
+    let hidden = upload(&engine, &dotted, &bytes(1, 1000)).await;
+    upload(&engine, "b.bin", &bytes(2, 1000)).await;
+    upload(&engine, "b.bin", &bytes(3, 1000)).await;
+    assert_eq!(
+        std::fs::read(engine.layout_path(&hidden).unwrap()).unwrap(),
+        bytes(1, 1000)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,4 +398,37 @@ async fn a_layout_left_behind_stays_marked_behind_until_rebuilt() {
     let shown = engine.layout_path(&b).unwrap();
     assert_eq!(std::fs::read(shown).unwrap(), bytes(2, 10_000));
     assert!(ProjectedCatalog::open(dir.path(), true).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_leaves_out_only_what_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    let lost = upload(&engine, "a.bin", &bytes(1, 50_000)).await;
+    let mut records = Vec::new();
+    for (name, seed) in [("b.bin", 2), ("c.bin", 3), ("d.bin", 4)] {
+        records.push((upload(&engine, name, &bytes(seed, 50_000)).await, seed));
+    }
+    // A chunk of a.bin lost before any verify marked it, then the layout lost whole.
+    let manifest = engine.cas().manifest(lost.manifest).await.unwrap();
+    engine
+        .cas()
+        .chunk_store()
+        .delete_many(vec![manifest.chunks()[0].id])
+        .await
+        .unwrap();
+    engine.settle_layout().await.unwrap();
+    drop(engine);
+    std::fs::remove_dir_all(dir.path().join("objects")).unwrap();
+
+    let engine = open(dir.path()).await;
+    for (record, seed) in &records {
+        let shown = engine.layout_path(record).unwrap();
+        assert_eq!(std::fs::read(shown).unwrap(), bytes(*seed, 50_000));
+    }
+    assert!(!engine.layout_path(&lost).unwrap().exists());
+    assert!(
+        ProjectedCatalog::open(dir.path(), true).is_none(),
+        "a layout missing a version is not current"
+    );
 }
