@@ -45,8 +45,12 @@ pub fn decode(kind: u8, bytes: &[u8]) {
                         }
                     }
                     Step::Frames(f) => {
-                        for frame in &f.frames {
-                            let _ = convert::chunk_id(&frame.id);
+                        // As the receiver takes them: split or whole, then decoded and checked
+                        // against their ids.
+                        for frame in f.frames {
+                            if let Ok((id, frame)) = convert::frame(frame) {
+                                let _ = frame.decode(&id);
+                            }
                         }
                     }
                     Step::Commit(c) => {
