@@ -8,7 +8,7 @@
 //! The compressible file goes through `--rounds` rounds (default 5). Each round times zstd
 //! just before and just after the store's runs and measures them against the mean of the
 //! two, so every ratio compares the same minute of this shared machine, where the same zstd
-//! run takes anywhere from 0.9 to 2 s. The summary gives the median of each round's ratios,
+//! run takes anywhere from 0.8 to 2 s. The summary gives the median of each round's ratios,
 //! and also the ratios against the fastest zstd run of all (the most conservative reading).
 //!
 //! `--only-file FILE` ingests and reads back just that file (for `time -v` peak-RSS runs).
