@@ -23,8 +23,8 @@ pub struct StoredChunk {
 /// Batch-oriented and async so that a remote object store can implement it as well as the
 /// embedded one: every call may be a network round trip. Frames are opaque here; verifying
 /// them is the caller's job. They go in as [`Frame`]s (a header and a payload, which a store
-/// writes one after the other) and come back as one buffer. `put_many` of an id that is already present is a no-op (content
-/// addressing makes both frames decode to the same bytes).
+/// writes one after the other) and come back as one buffer. `put_many` of an id that is
+/// already present is a no-op (content addressing makes both frames decode to the same bytes).
 pub trait ChunkStore: Send + Sync + 'static {
     /// For each id, in order, whether the store holds it.
     fn has_many(&self, ids: &[ChunkId]) -> impl Future<Output = Result<Vec<bool>>> + Send;
