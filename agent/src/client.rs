@@ -579,7 +579,7 @@ impl Remote {
         let mut session = UploadSession::begin(&self.conn, key).await?;
         let params = ChunkerParams::new(session.avg_chunk)
             .map_err(|e| Error::Protocol(format!("the agent's chunk size: {e}")))?;
-        let level = session.zstd_level;
+        let (level, split) = (session.zstd_level, session.split_frames);
         let (batches_tx, batches_rx) = mpsc::channel(2);
         let eager = file.is_none();
         let cutter =
@@ -594,7 +594,7 @@ impl Remote {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .start(&stop);
-                compress(batch, missing, level)
+                compress(batch, missing, level, split)
             })
             .await;
         // The cutter's own error (the file could not be read) explains a failed upload best.
@@ -1032,8 +1032,14 @@ fn hash_file(file: &std::fs::File, stop: &AtomicBool) -> std::io::Result<(u64, C
     Ok((check.len(), sha256_claim(check)))
 }
 
-/// The frames of a local batch's missing chunks, compressed on the blocking pool.
-async fn compress(batch: Arc<Batch>, missing: Vec<u32>, level: i32) -> Result<Vec<pb::Frame>> {
+/// The frames of a local batch's missing chunks, compressed on the blocking pool; `split`
+/// when the agent takes them as header and payload.
+async fn compress(
+    batch: Arc<Batch>,
+    missing: Vec<u32>,
+    level: i32,
+    split: bool,
+) -> Result<Vec<pb::Frame>> {
     futures::stream::iter(missing)
         .map(|i| {
             let batch = Arc::clone(&batch);
@@ -1044,7 +1050,7 @@ async fn compress(batch: Arc<Batch>, missing: Vec<u32>, level: i32) -> Result<Ve
                     tokio::task::spawn_blocking(move || frame::encode(&batch.data[i], level))
                         .await
                         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-                Ok(convert::wire_frame(&id, &frame))
+                Ok(convert::wire_frame(&id, &frame, split))
             }
         })
         .buffered(2 * cores())
@@ -1082,6 +1088,7 @@ struct UploadSession {
     responses: tonic::Streaming<pb::UploadResponse>,
     avg_chunk: u32,
     zstd_level: i32,
+    split_frames: bool,
 }
 
 fn step(step: pb::upload_request::Step) -> pb::UploadRequest {
@@ -1125,6 +1132,7 @@ impl UploadSession {
             responses,
             avg_chunk: ready.avg_chunk,
             zstd_level: ready.zstd_level,
+            split_frames: ready.split_frames,
         })
     }
 

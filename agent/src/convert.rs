@@ -54,12 +54,20 @@ pub(crate) fn record(a: pb::Artifact) -> Result<(ArtifactRecord, Option<String>)
     Ok((record, a.layout_path))
 }
 
-/// A frame to send: its header apart from its payload, which is not copied.
-pub(crate) fn wire_frame(id: &ChunkId, frame: &Frame) -> pb::Frame {
+/// A frame to send: its header apart from its payload, which is not copied, or (`split`
+/// false, for an agent that does not take them so) whole.
+pub(crate) fn wire_frame(id: &ChunkId, frame: &Frame, split: bool) -> pb::Frame {
+    let (data, header) = match split {
+        true => (
+            frame.payload().clone(),
+            bytes::Bytes::copy_from_slice(frame.header()),
+        ),
+        false => (frame.to_bytes(), bytes::Bytes::new()),
+    };
     pb::Frame {
         id: bytes::Bytes::copy_from_slice(id.as_bytes()),
-        data: frame.payload().clone(),
-        header: bytes::Bytes::copy_from_slice(frame.header()),
+        data,
+        header,
     }
 }
 
@@ -287,4 +295,43 @@ pub(crate) fn verify_report_from(r: pb::VerifyResponse) -> Result<sloth_engine::
         projections_rebuilt: r.projections_rebuilt,
         ref_mismatches: r.ref_mismatches,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use sloth_cas::frame;
+
+    use super::*;
+
+    #[test]
+    fn frames_travel_split_or_whole_and_come_back_the_same() {
+        // An incompressible chunk (stored raw) and a compressible one.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Bytes = (0..100_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect::<Vec<u8>>()
+            .into();
+        let text = Bytes::from(b"sloth ".repeat(10_000));
+        for (chunk, codec) in [(random, frame::Codec::Raw), (text, frame::Codec::Zstd)] {
+            let id = ChunkId::digest(&chunk);
+            let sent = frame::encode(&chunk, 3);
+            assert_eq!(
+                frame::FrameHeader::parse(sent.header()).unwrap().codec,
+                codec
+            );
+            for split in [true, false] {
+                let wire = wire_frame(&id, &sent, split);
+                assert_eq!(wire.header.is_empty(), !split);
+                let (got_id, got) = frame(wire).unwrap();
+                assert_eq!((got_id, &got), (id, &sent));
+                assert_eq!(got.decode(&id).unwrap(), chunk);
+            }
+        }
+    }
 }

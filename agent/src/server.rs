@@ -886,6 +886,7 @@ async fn upload_session(
         step: Some(pb::upload_response::Step::Ready(pb::Ready {
             avg_chunk: engine.cas().params().avg(),
             zstd_level: engine.cas().zstd_level(),
+            split_frames: true,
         })),
     };
     if tx.send(Ok(ready)).await.is_err() {
