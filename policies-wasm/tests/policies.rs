@@ -76,6 +76,13 @@ fn builtins_decide_the_known_answers() {
         deleted(&host, "older-than", &[("older_than", "0d")], &batch).len(),
         7
     );
+    // 0d means everything uploaded until now, this second's uploads too.
+    let just_now = [artifact("n1", "app.bin", "build", 5, 100, 0)];
+    assert_eq!(
+        deleted(&host, "older-than", &[("older_than", "0d")], &just_now),
+        ["n1"]
+    );
+    assert!(deleted(&host, "older-than", &[("older_than", "1s")], &just_now).is_empty());
     assert_eq!(
         deleted(&host, "keep-last", &[("count", "2")], &batch),
         ["a1", "a2"]

@@ -1,4 +1,5 @@
-//! `older-than`: deletes every version uploaded more than `older_than` ago.
+//! `older-than`: deletes every version uploaded `older_than` ago or earlier (at the
+//! catalog's resolution of one second, so `0d` means every version up to now).
 
 use sloth_builtin_policies::ago;
 use sloth_policy_sdk::{Decision, Input, policy};
@@ -11,7 +12,7 @@ fn evaluate(input: &Input) -> Result<Vec<Decision>, String> {
         .iter()
         .map(|a| {
             let age = input.now - a.created_at;
-            if age > limit {
+            if age >= limit {
                 Decision::delete(a, format!("uploaded {} ago, older than {limit_text}", ago(age)))
             } else {
                 Decision::keep(a, format!("uploaded {} ago", ago(age)))
@@ -23,7 +24,7 @@ fn evaluate(input: &Input) -> Result<Vec<Decision>, String> {
 policy! {
     name: "older-than",
     version: "1.0.0",
-    description: "Deletes artifact versions uploaded more than older_than ago (7d, 30d, 6h, 45m).",
+    description: "Deletes artifact versions uploaded older_than ago or earlier (7d, 30d, 6h, 45m; 0d: all).",
     params: r#"{"older_than": {"type": "duration", "required": true}}"#,
     evaluate: evaluate,
 }
