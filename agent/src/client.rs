@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -564,11 +564,13 @@ impl Remote {
     }
 
     /// [`Remote::upload`] of a file's content, `file` being another handle to the file
-    /// `reader` reads. The whole-content digests are then computed only if the agent asks for
-    /// a chunk, from `file` (read from its start, alongside the upload): when the agent holds
-    /// every chunk, it needs no claim (see `Commit` in `artifacts.proto`), and a re-upload
-    /// costs only cutting and chunk ids. A file changed between the two reads fails the
-    /// commit's check, and nothing becomes visible.
+    /// `reader` reads. The whole-content claim (its SHA-256) is then computed only once the
+    /// agent asks for a chunk: when the agent holds every chunk it needs no claim (see
+    /// `Commit` in `artifacts.proto`), and a re-upload costs only cutting and chunk ids. Until
+    /// then the first chunks cut are held (up to 32 MiB) to be hashed without reading
+    /// them again; past that the file is read again from its start if a chunk is asked for.
+    /// The file's size and times are compared before and after, as GNU tar does: a file
+    /// changed during the upload fails it, and nothing becomes visible.
     pub async fn upload_rereadable<R: Read + Send + 'static>(
         &self,
         key: &ArtifactKey,
@@ -580,38 +582,55 @@ impl Remote {
         let params = ChunkerParams::new(session.avg_chunk)
             .map_err(|e| Error::Protocol(format!("the agent's chunk size: {e}")))?;
         let (level, split) = (session.zstd_level, session.split_frames);
+        let before = file.as_ref().map(FileState::of).transpose()?;
+        let gate = Arc::new(ClaimGate::new(file.is_none()));
         let (batches_tx, batches_rx) = mpsc::channel(2);
-        let eager = file.is_none();
-        let cutter =
-            tokio::task::spawn_blocking(move || cut(reader, params, batches_tx, progress, eager));
-        let rehash = std::sync::Mutex::new(Rehash::Idle(file));
+        let cutter = {
+            let gate = Arc::clone(&gate);
+            tokio::task::spawn_blocking(move || cut(reader, params, batches_tx, progress, &gate))
+        };
+        let again = file.as_ref().map(std::fs::File::try_clone).transpose()?;
+        let rehash = std::sync::Mutex::new(Rehash::Idle(again));
         // An upload that fails stops its re-hash (when it returns early, through this drop).
         let stop_on_drop = StopOnDrop::default();
         let stop = Arc::clone(&stop_on_drop.0);
         let sent = session
             .offer_all(batches_rx, |batch, missing| {
-                rehash
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .start(&stop);
+                if gate.need() {
+                    rehash
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .start(&stop);
+                }
                 compress(batch, missing, level, split)
             })
             .await;
         // The cutter's own error (the file could not be read) explains a failed upload best.
-        let (length, digests) = cutter
+        let (length, digest) = cutter
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;
         let (chunks, chunks_sent, bytes_sent) = sent?;
         let rehash = rehash.into_inner().unwrap_or_else(|e| e.into_inner());
-        let digests = match (digests, rehash.finish()?) {
-            (Some(digests), _) => Some(digests),
-            (None, Some((reread, _))) if reread != length => {
-                return Err(Error::Io(std::io::Error::other(format!(
-                    "the file changed while it was uploaded ({length} bytes read, then {reread})"
-                ))));
-            }
-            (None, rehashed) => rehashed.map(|(_, digests)| digests),
+        let digests = match digest {
+            Digest::Claimed(claim) => Some(claim),
+            Digest::Held(held) if gate.needed() => Some(
+                tokio::task::spawn_blocking(move || hash_chunks(&held))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))?,
+            ),
+            Digest::Held(_) => None,
+            Digest::GaveUp => match rehash.finish()? {
+                Some((reread, _)) if reread != length => {
+                    return Err(changed(format!("{length} bytes read, then {reread}")));
+                }
+                rehashed => rehashed.map(|(_, claim)| claim),
+            },
         };
+        if let (Some(before), Some(file)) = (before, &file)
+            && FileState::of(file)? != before
+        {
+            return Err(changed("its size or times differ".into()));
+        }
         let record = session.commit(length, digests).await?;
         Ok(Uploaded {
             record,
@@ -867,26 +886,21 @@ struct Batch {
 const BATCH_BYTES: usize = 8 << 20;
 
 /// Cuts `reader` into chunks and sends them in batches with their ids; returns the content's
-/// length and, when `digests`, its claim (the whole content's SHA-256; the agent computes the
-/// BLAKE3 itself). Three threads share the work: this one reads and cuts, one computes chunk
-/// ids and fills batches, one (when `digests`) hashes the whole content.
+/// length and what [`digest`] made of it. Three threads share the work: this one reads and
+/// cuts, one computes chunk ids and fills batches, one hashes the whole content when `gate`
+/// says the claim is needed.
 fn cut<R: Read>(
     reader: R,
     params: ChunkerParams,
     batches: mpsc::Sender<Result<Batch>>,
     progress: Option<Progress>,
-    digests: bool,
-) -> Result<(u64, Option<Claim>)> {
+    gate: &Arc<ClaimGate>,
+) -> Result<(u64, Digest)> {
     let (digest_tx, digest_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
-    let digester = digests.then(|| {
-        std::thread::spawn(move || {
-            let mut check = ContentCheck::default();
-            for chunk in digest_rx {
-                check.update(&chunk);
-            }
-            sha256_claim(check)
-        })
-    });
+    let digester = {
+        let gate = Arc::clone(gate);
+        std::thread::spawn(move || digest(digest_rx, &gate))
+    };
     let (id_tx, id_rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
     let failed = Arc::new(AtomicBool::new(false));
     let batcher = {
@@ -908,19 +922,135 @@ fn cut<R: Read>(
             progress(chunk.len() as u64);
         }
         length += chunk.len() as u64;
-        if digester.is_some() && digest_tx.send(chunk.clone()).is_err() {
-            break;
-        }
-        if id_tx.send(chunk).is_err() {
+        if digest_tx.send(chunk.clone()).is_err() || id_tx.send(chunk).is_err() {
             break; // the upload failed; it says why
         }
     }
     drop((digest_tx, id_tx));
     let panicked = |_| Error::Io(std::io::Error::other("a thread of the upload panicked"));
-    let digests = digester.map(|d| d.join()).transpose().map_err(panicked)?;
+    let digest = digester.join().map_err(panicked)?;
     batcher.join().map_err(panicked)?;
     result?;
-    Ok((length, digests))
+    Ok((length, digest))
+}
+
+/// Content held for the claim until the agent asks for a chunk: enough to cover what is cut
+/// before its first answer arrives (the offer window is a few batches), so that a first upload
+/// never reads its file twice, while a re-upload's memory stays bounded.
+const HOLD_BYTES: usize = 32 << 20;
+
+/// Whether an upload needs its claim: undecided until the agent first asks for a chunk (then
+/// needed), unless the digester gave up holding content first. Shared by the digester and
+/// the upload's answers; whichever moves first decides.
+struct ClaimGate(AtomicU8);
+
+const UNDECIDED: u8 = 0;
+const NEEDED: u8 = 1;
+const GAVE_UP: u8 = 2;
+
+impl ClaimGate {
+    /// A gate already open when `eager` (there is no file to read again).
+    fn new(eager: bool) -> Self {
+        Self(AtomicU8::new(if eager { NEEDED } else { UNDECIDED }))
+    }
+
+    /// The agent asked for a chunk: the claim is needed. Returns whether the content must be
+    /// read again for it (the digester had given up holding it).
+    fn need(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(UNDECIDED, NEEDED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => false,
+            Err(state) => state == GAVE_UP,
+        }
+    }
+
+    /// Whether the claim was found needed.
+    fn needed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == NEEDED
+    }
+
+    /// The digester stops holding content unless it is needed already; returns whether it
+    /// gave up.
+    fn give_up(&self) -> bool {
+        self.0
+            .compare_exchange(UNDECIDED, GAVE_UP, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// What the digester made of the content.
+enum Digest {
+    /// The claim, hashed from the chunks as they were cut.
+    Claimed(Claim),
+    /// Every chunk, in order: the content was cut before the claim was found needed.
+    Held(Vec<Bytes>),
+    /// More than [`HOLD_BYTES`] was cut before the claim was found needed.
+    GaveUp,
+}
+
+/// Hashes the chunks `chunks` yields once `gate` says so, holding them until then.
+fn digest(chunks: std::sync::mpsc::Receiver<Bytes>, gate: &ClaimGate) -> Digest {
+    let mut check = ContentCheck::default();
+    let (mut held, mut held_bytes, mut hashing) = (Vec::new(), 0, false);
+    for chunk in chunks {
+        if !hashing && gate.needed() {
+            hashing = true;
+            held.drain(..).for_each(|c: Bytes| check.update(&c));
+        }
+        if hashing {
+            check.update(&chunk);
+        } else if held_bytes <= HOLD_BYTES {
+            held_bytes += chunk.len();
+            held.push(chunk);
+            if held_bytes > HOLD_BYTES && gate.give_up() {
+                held = Vec::new();
+            }
+        }
+    }
+    if gate.needed() {
+        held.drain(..).for_each(|c: Bytes| check.update(&c));
+        Digest::Claimed(sha256_claim(check))
+    } else if held_bytes > HOLD_BYTES {
+        Digest::GaveUp
+    } else {
+        Digest::Held(held)
+    }
+}
+
+/// The claim of content held as chunks.
+fn hash_chunks(chunks: &[Bytes]) -> Claim {
+    let mut check = ContentCheck::default();
+    chunks.iter().for_each(|c| check.update(c));
+    sha256_claim(check)
+}
+
+/// A file's size and times: a file changed during an upload shows other ones after it.
+#[derive(Debug, PartialEq, Eq)]
+struct FileState {
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl FileState {
+    fn of(file: &std::fs::File) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self {
+            len: m.len(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// The error of an upload whose file changed while it was read.
+fn changed(how: String) -> Error {
+    Error::Io(std::io::Error::other(format!(
+        "the file changed while it was uploaded ({how}); nothing was committed"
+    )))
 }
 
 /// Computes the id of each chunk `chunks` yields and sends them in batches; the last, partial
@@ -957,8 +1087,9 @@ fn batch_with_ids(
     }
 }
 
-/// The claim of an upload from a file (its SHA-256), computed only once the agent asks for a
-/// chunk, by reading the file again from its start on a thread of their own.
+/// The claim of an upload from a file (its SHA-256) when the digester gave up holding its
+/// first chunks: computed once the agent asks for a chunk, by reading the file again from its
+/// start on a thread of its own.
 enum Rehash {
     /// Not started; the file, when there is one to read again.
     Idle(Option<std::fs::File>),
@@ -966,8 +1097,7 @@ enum Rehash {
 }
 
 impl Rehash {
-    /// Starts hashing, once, until done or `stop`ped; a no-op without a file (the cutter
-    /// hashes eagerly then).
+    /// Starts hashing, once, until done or `stop`ped.
     fn start(&mut self, stop: &Arc<AtomicBool>) {
         if let Rehash::Idle(file) = self
             && let Some(file) = file.take()
@@ -1338,5 +1468,82 @@ fn entry(r: reg::AgentRecord) -> AgentEntry {
         registered_at: r.registered_at,
         last_heartbeat: r.last_heartbeat,
         status: r.status,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` chunks of 1 MiB, each of one repeated byte (its index), and the claim of them all.
+    fn chunks(n: usize) -> (Vec<Bytes>, Claim) {
+        let chunks: Vec<Bytes> = (0..n)
+            .map(|i| Bytes::from(vec![i as u8; 1 << 20]))
+            .collect();
+        let claim = hash_chunks(&chunks);
+        (chunks, claim)
+    }
+
+    /// Runs the digester over `chunks`, calling `need` on the gate before chunk `need_at`.
+    fn run(chunks: &[Bytes], gate: &Arc<ClaimGate>, need_at: Option<usize>) -> (Digest, bool) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(0);
+        let digester = {
+            let gate = Arc::clone(gate);
+            std::thread::spawn(move || digest(rx, &gate))
+        };
+        let mut reread = false;
+        for (i, chunk) in chunks.iter().enumerate() {
+            if need_at == Some(i) {
+                reread = gate.need();
+            }
+            tx.send(chunk.clone()).unwrap();
+        }
+        drop(tx);
+        (digester.join().unwrap(), reread)
+    }
+
+    fn claimed(digest: Digest) -> [u8; 32] {
+        match digest {
+            Digest::Claimed(claim) => claim.sha256,
+            _ => panic!("expected a claim"),
+        }
+    }
+
+    #[test]
+    fn an_eager_gate_hashes_everything() {
+        let (chunks, claim) = chunks(40);
+        let gate = Arc::new(ClaimGate::new(true));
+        assert_eq!(claimed(run(&chunks, &gate, None).0), claim.sha256);
+    }
+
+    #[test]
+    fn content_held_until_needed_is_hashed_in_order_with_the_rest() {
+        let (chunks, claim) = chunks(40);
+        let gate = Arc::new(ClaimGate::new(false));
+        let (digest, reread) = run(&chunks, &gate, Some(20));
+        assert!(!reread);
+        assert_eq!(claimed(digest), claim.sha256);
+    }
+
+    #[test]
+    fn small_content_is_held_whole_when_never_found_needed() {
+        let (chunks, claim) = chunks(5);
+        let gate = Arc::new(ClaimGate::new(false));
+        let Digest::Held(held) = run(&chunks, &gate, None).0 else {
+            panic!("expected the chunks held");
+        };
+        assert_eq!(hash_chunks(&held).sha256, claim.sha256);
+        // Found needed after the cutting ended: hashed from what was held.
+        assert!(!gate.need() && gate.needed());
+    }
+
+    #[test]
+    fn past_the_hold_limit_the_digester_gives_up_and_a_late_need_reads_again() {
+        let (chunks, _) = chunks(HOLD_BYTES / (1 << 20) + 8);
+        let gate = Arc::new(ClaimGate::new(false));
+        let (digest, reread) = run(&chunks, &gate, Some(HOLD_BYTES / (1 << 20) + 4));
+        assert!(matches!(digest, Digest::GaveUp));
+        assert!(reread, "the need came after the digester gave up");
+        assert!(!gate.needed());
     }
 }

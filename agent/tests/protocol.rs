@@ -399,6 +399,27 @@ async fn lies_and_broken_conversations_leave_nothing() {
     assert_eq!(agent.stop().await, 3);
 }
 
+/// Reads a file, and flips one of its bytes (through another handle) after the first read.
+struct ChangeAfterFirstRead {
+    reader: std::fs::File,
+    writer: Option<std::fs::File>,
+}
+
+impl std::io::Read for ChangeAfterFirstRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        if let Some(writer) = self.writer.take() {
+            use std::os::unix::fs::FileExt;
+            // A moment later, so that the times differ on any clock granularity.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let mut byte = [0u8];
+            writer.read_at(&mut byte, 2 << 20)?;
+            writer.write_at(&[byte[0] ^ 1], 2 << 20)?;
+        }
+        Ok(n)
+    }
+}
+
 /// Pseudo-random bytes (incompressible, so chunk boundaries fall everywhere).
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
@@ -429,34 +450,46 @@ async fn file_uploads_hash_only_what_the_agent_lacks_and_catch_a_changing_file()
     let data = noise(3 << 20, 7);
     std::fs::write(&path, &data).unwrap();
     let key = sloth_engine::ArtifactKey::new("app.bin", Some("prod"), Some("build")).unwrap();
-    let upload = |reader: Vec<u8>| {
+    let upload = |reader: Box<dyn std::io::Read + Send>| {
         let (remote, key, path) = (&remote, &key, &path);
         async move {
-            let again = std::fs::File::open(path).unwrap();
+            let file = std::fs::File::open(path).unwrap();
             remote
-                .upload_rereadable(key, std::io::Cursor::new(reader), Some(again), None)
+                .upload_rereadable(key, reader, Some(file), None)
                 .await
         }
     };
+    let open = || Box::new(std::fs::File::open(&path).unwrap());
     let sha256 = |d: &[u8]| {
         let digest = ContentDigests::of(d).sha256;
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         format!("sha256:{hex}")
     };
-    // First upload: chunks travel, so the file is hashed (read again) and claimed.
-    let first = upload(data.clone()).await.unwrap();
+    // First upload: chunks travel, so the content is hashed (from the chunks cut) and claimed.
+    let first = upload(open()).await.unwrap();
     assert!(first.chunks_sent > 0);
     assert_eq!(first.record.checksum, sha256(&data));
     // Again: nothing travels, nothing is claimed, and the version carries the same checksum.
-    let again = upload(data.clone()).await.unwrap();
+    let again = upload(open()).await.unwrap();
     assert_eq!((again.chunks_sent, again.record.version), (0, 2));
     assert_eq!(again.record.checksum, sha256(&data));
-    // The file changed after it was cut (the reader saw other bytes than the file now holds):
-    // the claim read from the file does not match the chunks, and nothing becomes visible.
-    let mut changed = data.clone();
-    changed[2 << 20] ^= 1;
-    let err = upload(changed).await.unwrap_err();
-    assert!(err.to_string().contains("sha256"), "{err}");
+    // The file is written to while it is read: its times change, and nothing becomes visible
+    // (its chunks, as read, would have made a consistent claim).
+    let writer = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let err = upload(Box::new(ChangeAfterFirstRead {
+        reader: std::fs::File::open(&path).unwrap(),
+        writer: Some(writer),
+    }))
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("changed while it was uploaded"),
+        "{err}"
+    );
     let listed = remote
         .list(&sloth_engine::ListQuery {
             all_versions: true,
