@@ -136,7 +136,8 @@ pub(crate) async fn upload(
     };
     let key = ArtifactKey::new(&name, args.stack.as_deref(), args.task.as_deref())?;
     // Opened here rather than through `Engine::upload_path`: the progress bar follows the
-    // file's read offset, and a remote upload reads the file a second time for its claim.
+    // file's read offset, and a remote upload checks the file did not change while it was
+    // read (and may read it again for its claim).
     let file = sloth_engine::open_upload(&args.file)?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let shown = args.file.display();

@@ -15,7 +15,7 @@
 //! download;
 //! and the ratios the agent issue sets targets for (remote ≥ 70% of local; re-upload ≥ 3× the
 //! first upload). Each store is fresh, so every first upload stores everything. `--rounds`
-//! (default 4) repeats all of it, alternating whether the local or the remote phases go first,
+//! (default 6) repeats all of it, alternating whether the local or the remote phases go first,
 //! and prints the ratios of each phase's median time, then the median of each round's own
 //! ratios: a round's phases run back to back, so that pairing cancels most of a shared
 //! machine's slow spells, and it is the reading the targets are judged on.
@@ -86,7 +86,7 @@ async fn main() -> Result<()> {
     let mut file: Option<PathBuf> = None;
     let mut work = std::env::temp_dir().join("sloth-network");
     let mut only: Option<String> = None;
-    let mut rounds = 4;
+    let mut rounds = 6;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
