@@ -44,7 +44,14 @@ async fn gc_races_ingests_and_releases() {
         let (cas, variants) = (cas.clone(), Arc::clone(&variants));
         workers.push(tokio::spawn(async move {
             for round in 0..25u64 {
-                let data = &variants[((w + round) % variants.len() as u64) as usize];
+                let mut data = variants[((w + round) % variants.len() as u64) as usize].clone();
+                let release = round % 2 == 0;
+                if release {
+                    // A tail no other content has: once released, its chunks are garbage for
+                    // sure, so the GC passes of the race always find something to delete.
+                    data.extend(text_bytes(1000 + w * 100 + round, 3000));
+                }
+                let data = &data;
                 let staged = cas.ingest_bytes(data.clone()).await.unwrap();
                 // Give GC a window between the presence check and the commit.
                 tokio::task::yield_now().await;
@@ -54,7 +61,7 @@ async fn gc_races_ingests_and_releases() {
                     data,
                     "worker {w} round {round}"
                 );
-                if round % 2 == 0 {
+                if release {
                     cas.release(id).await.unwrap();
                 }
             }
