@@ -570,7 +570,9 @@ impl Remote {
     /// then the first chunks cut are held (up to 32 MiB) to be hashed without reading
     /// them again; past that the file is read again from its start if a chunk is asked for.
     /// The file's size and times are compared before and after, as GNU tar does: a file
-    /// changed during the upload fails it, and nothing becomes visible.
+    /// changed during the upload fails it, and nothing becomes visible. A change of its
+    /// status alone (a chmod, a rename, a build replacing it) counts too; a write that leaves
+    /// both times as they were (within the file system's timestamp resolution) does not.
     pub async fn upload_rereadable<R: Read + Send + 'static>(
         &self,
         key: &ArtifactKey,
@@ -583,20 +585,20 @@ impl Remote {
             .map_err(|e| Error::Protocol(format!("the agent's chunk size: {e}")))?;
         let (level, split) = (session.zstd_level, session.split_frames);
         let before = file.as_ref().map(FileState::of).transpose()?;
+        let again = file.as_ref().map(std::fs::File::try_clone).transpose()?;
+        let rehash = std::sync::Mutex::new(Rehash::Idle(again));
         let gate = Arc::new(ClaimGate::new(file.is_none()));
         let (batches_tx, batches_rx) = mpsc::channel(2);
         let cutter = {
             let gate = Arc::clone(&gate);
             tokio::task::spawn_blocking(move || cut(reader, params, batches_tx, progress, &gate))
         };
-        let again = file.as_ref().map(std::fs::File::try_clone).transpose()?;
-        let rehash = std::sync::Mutex::new(Rehash::Idle(again));
         // An upload that fails stops its re-hash (when it returns early, through this drop).
         let stop_on_drop = StopOnDrop::default();
         let stop = Arc::clone(&stop_on_drop.0);
         let sent = session
             .offer_all(batches_rx, |batch, missing| {
-                if gate.need() {
+                if gate.need() == ClaimFrom::File {
                     rehash
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -934,9 +936,10 @@ fn cut<R: Read>(
     Ok((length, digest))
 }
 
-/// Content held for the claim until the agent asks for a chunk: enough to cover what is cut
-/// before its first answer arrives (the offer window is a few batches), so that a first upload
-/// never reads its file twice, while a re-upload's memory stays bounded.
+/// Content held for the claim until the agent asks for a chunk. On a fast link the first
+/// answer comes back before this much is cut, and a first upload reads its file once; on a
+/// slow one the pipeline may run further ahead (up to ~9 batches of 8 MiB), and the upload
+/// reads the file again as it did before holding. A re-upload holds this much at most.
 const HOLD_BYTES: usize = 32 << 20;
 
 /// Whether an upload needs its claim: undecided until the agent first asks for a chunk (then
@@ -948,21 +951,29 @@ const UNDECIDED: u8 = 0;
 const NEEDED: u8 = 1;
 const GAVE_UP: u8 = 2;
 
+/// Where a needed claim comes from.
+#[derive(Debug, PartialEq, Eq)]
+enum ClaimFrom {
+    /// The digester: it holds or hashed every chunk cut so far.
+    Digester,
+    /// The file, read again: the digester had given up holding its first chunks.
+    File,
+}
+
 impl ClaimGate {
     /// A gate already open when `eager` (there is no file to read again).
     fn new(eager: bool) -> Self {
         Self(AtomicU8::new(if eager { NEEDED } else { UNDECIDED }))
     }
 
-    /// The agent asked for a chunk: the claim is needed. Returns whether the content must be
-    /// read again for it (the digester had given up holding it).
-    fn need(&self) -> bool {
+    /// The agent asked for a chunk: the claim is needed.
+    fn need(&self) -> ClaimFrom {
         match self
             .0
             .compare_exchange(UNDECIDED, NEEDED, Ordering::AcqRel, Ordering::Acquire)
         {
-            Ok(_) => false,
-            Err(state) => state == GAVE_UP,
+            Err(GAVE_UP) => ClaimFrom::File,
+            _ => ClaimFrom::Digester,
         }
     }
 
@@ -993,7 +1004,8 @@ enum Digest {
 /// Hashes the chunks `chunks` yields once `gate` says so, holding them until then.
 fn digest(chunks: std::sync::mpsc::Receiver<Bytes>, gate: &ClaimGate) -> Digest {
     let mut check = ContentCheck::default();
-    let (mut held, mut held_bytes, mut hashing) = (Vec::new(), 0, false);
+    let (mut held, mut held_bytes) = (Vec::new(), 0);
+    let (mut hashing, mut gave_up) = (false, false);
     for chunk in chunks {
         if !hashing && gate.needed() {
             hashing = true;
@@ -1001,18 +1013,20 @@ fn digest(chunks: std::sync::mpsc::Receiver<Bytes>, gate: &ClaimGate) -> Digest 
         }
         if hashing {
             check.update(&chunk);
-        } else if held_bytes <= HOLD_BYTES {
+        } else if !gave_up {
             held_bytes += chunk.len();
             held.push(chunk);
+            // Fails when the claim was found needed meanwhile: the next chunk, or the end,
+            // hashes what is held.
             if held_bytes > HOLD_BYTES && gate.give_up() {
-                held = Vec::new();
+                (held, gave_up) = (Vec::new(), true);
             }
         }
     }
     if gate.needed() {
         held.drain(..).for_each(|c: Bytes| check.update(&c));
         Digest::Claimed(sha256_claim(check))
-    } else if held_bytes > HOLD_BYTES {
+    } else if gave_up {
         Digest::GaveUp
     } else {
         Digest::Held(held)
@@ -1484,22 +1498,31 @@ mod tests {
         (chunks, claim)
     }
 
-    /// Runs the digester over `chunks`, calling `need` on the gate before chunk `need_at`.
-    fn run(chunks: &[Bytes], gate: &Arc<ClaimGate>, need_at: Option<usize>) -> (Digest, bool) {
+    /// Runs the digester over `chunks`, calling `need` on the gate before chunk `need_at`
+    /// (or, at `chunks.len()`, after the last chunk but before the stream ends). The channel
+    /// holds nothing, so the digester has taken chunk k before chunk k + 1 is offered.
+    fn run(
+        chunks: &[Bytes],
+        gate: &Arc<ClaimGate>,
+        need_at: Option<usize>,
+    ) -> (Digest, Option<ClaimFrom>) {
         let (tx, rx) = std::sync::mpsc::sync_channel(0);
         let digester = {
             let gate = Arc::clone(gate);
             std::thread::spawn(move || digest(rx, &gate))
         };
-        let mut reread = false;
+        let mut from = None;
         for (i, chunk) in chunks.iter().enumerate() {
             if need_at == Some(i) {
-                reread = gate.need();
+                from = Some(gate.need());
             }
             tx.send(chunk.clone()).unwrap();
         }
+        if need_at == Some(chunks.len()) {
+            from = Some(gate.need());
+        }
         drop(tx);
-        (digester.join().unwrap(), reread)
+        (digester.join().unwrap(), from)
     }
 
     fn claimed(digest: Digest) -> [u8; 32] {
@@ -1520,9 +1543,37 @@ mod tests {
     fn content_held_until_needed_is_hashed_in_order_with_the_rest() {
         let (chunks, claim) = chunks(40);
         let gate = Arc::new(ClaimGate::new(false));
-        let (digest, reread) = run(&chunks, &gate, Some(20));
-        assert!(!reread);
+        let (digest, from) = run(&chunks, &gate, Some(20));
+        assert_eq!(from, Some(ClaimFrom::Digester));
         assert_eq!(claimed(digest), claim.sha256);
+    }
+
+    #[test]
+    fn a_need_after_the_last_chunk_hashes_everything_held() {
+        let (chunks, claim) = chunks(5);
+        let gate = Arc::new(ClaimGate::new(false));
+        let (digest, from) = run(&chunks, &gate, Some(5));
+        assert_eq!(from, Some(ClaimFrom::Digester));
+        // Whether the digester saw the need before its stream ended or not, the claim covers
+        // every chunk, in order.
+        let sha256 = match digest {
+            Digest::Claimed(claim) => claim.sha256,
+            Digest::Held(held) => hash_chunks(&held).sha256,
+            Digest::GaveUp => panic!("5 MiB is under the hold limit"),
+        };
+        assert_eq!(sha256, claim.sha256);
+    }
+
+    #[test]
+    fn the_first_to_decide_wins() {
+        let gate = ClaimGate::new(false);
+        assert_eq!(gate.need(), ClaimFrom::Digester);
+        assert!(!gate.give_up(), "a needed claim cannot be given up");
+        assert!(gate.needed());
+        let gate = ClaimGate::new(false);
+        assert!(gate.give_up());
+        assert_eq!(gate.need(), ClaimFrom::File);
+        assert!(!gate.needed());
     }
 
     #[test]
@@ -1534,16 +1585,21 @@ mod tests {
         };
         assert_eq!(hash_chunks(&held).sha256, claim.sha256);
         // Found needed after the cutting ended: hashed from what was held.
-        assert!(!gate.need() && gate.needed());
+        assert_eq!(gate.need(), ClaimFrom::Digester);
+        assert!(gate.needed());
     }
 
     #[test]
     fn past_the_hold_limit_the_digester_gives_up_and_a_late_need_reads_again() {
         let (chunks, _) = chunks(HOLD_BYTES / (1 << 20) + 8);
         let gate = Arc::new(ClaimGate::new(false));
-        let (digest, reread) = run(&chunks, &gate, Some(HOLD_BYTES / (1 << 20) + 4));
+        let (digest, from) = run(&chunks, &gate, Some(HOLD_BYTES / (1 << 20) + 4));
         assert!(matches!(digest, Digest::GaveUp));
-        assert!(reread, "the need came after the digester gave up");
+        assert_eq!(
+            from,
+            Some(ClaimFrom::File),
+            "the need came after it gave up"
+        );
         assert!(!gate.needed());
     }
 }
