@@ -253,7 +253,7 @@ impl From<pb::StoreFigures> for Figures {
 }
 
 impl Figures {
-    /// Logical bytes per stored byte (0 when nothing is stored).
+    /// Logical bytes per stored byte (0 when nothing is stored; the CLI shows `-` then).
     pub fn dedup_ratio(&self) -> f64 {
         if self.stored_bytes == 0 {
             0.0

@@ -231,7 +231,14 @@ pub(crate) async fn agent_get(
         ),
         ("Logical:", human_size(f.logical_bytes)),
         ("Stored:", human_size(f.stored_bytes)),
-        ("Dedup:", format!("{:.2}x", f.dedup_ratio())),
+        (
+            "Dedup:",
+            if f.stored_bytes == 0 {
+                "- (nothing stored)".to_owned()
+            } else {
+                format!("{:.2}x", f.dedup_ratio())
+            },
+        ),
     ];
     for (label, value) in fields {
         writeln!(out, "{label:<13}{value}")?;

@@ -842,6 +842,11 @@ fn workflows_run_on_agents_and_land_in_their_stores() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    let empty = net.ok(&["--master", m, "agent", "get", "build-agent"]);
+    assert!(
+        empty.contains("Stored:      0 B\nDedup:       - (nothing stored)\n"),
+        "{empty}"
+    );
 
     // The spec's use case 1: run on the build agent, then find the artifacts there.
     let ran = net.ok(&[
