@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use sloth_benches::{cpu_times, du_sb, ensure_text_tar, mb_per_s, warm, write_random_file};
+use sloth_benches::{cpu_times, du_sb, ensure_text_tar, mb_per_s, median, warm, write_random_file};
 use sloth_cas::{Cas, CasConfig, ChunkerParams};
 
 struct Args {
@@ -203,20 +203,6 @@ fn zstd_once(file: &Path) -> Result<Zstd> {
         cpu,
         compressed,
     })
-}
-
-/// The median of `values` (the mean of the middle two for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 /// One round on the compressible file: zstd, the store's three ingests, zstd again.

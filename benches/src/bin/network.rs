@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use sloth_benches::InProcessAgent;
+use sloth_benches::{InProcessAgent, median};
 use sloth_engine::{ArtifactKey, Engine, EngineConfig, Selector};
 
 /// Times `f`, printing its wall-clock and CPU time.
@@ -307,17 +307,6 @@ impl Round {
             secs(self.local_down) / secs(self.remote_down),
             secs(self.remote_up) / secs(self.remote_reup),
         ]
-    }
-}
-
-/// The median of `values` (the mean of the middle two for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
     }
 }
 
