@@ -17,7 +17,6 @@ use sloth_proto::artifacts::{
 use sloth_proto::registry::{self as reg, registry_client::RegistryClient};
 use sloth_proto::workflows::{self as wf, workflows_client::WorkflowsClient};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -184,6 +183,27 @@ impl Connection {
         ArtifactsClient::with_interceptor(self.channel.clone(), self.credentials.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Opens an `Upload` call sending what `requests` yields (see [`crate::upload_wire`]).
+    async fn upload_call(
+        &self,
+        requests: mpsc::Receiver<pb::UploadRequest>,
+    ) -> Result<tonic::Streaming<pb::UploadResponse>> {
+        let header = |value: &Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>| {
+            value
+                .as_ref()
+                .map(|v| http::HeaderValue::from_bytes(v.as_bytes()))
+                .transpose()
+                .map_err(|e| Error::Config(format!("a credential is not a valid header: {e}")))
+        };
+        let headers = [
+            ("authorization", header(&self.credentials.authorization)?),
+            (USER_HEADER, header(&self.credentials.user)?),
+        ];
+        crate::upload_wire::upload(&self.channel, headers, CALL_TIMEOUT, MAX_MESSAGE, requests)
+            .await
+            .map_err(|s| self.fail(s))
     }
 
     pub(crate) fn agent(&self) -> AgentClient<Authed> {
@@ -1250,14 +1270,7 @@ impl UploadSession {
             })))
             .await
             .map_err(|_| Error::Protocol("upload stream closed".into()))?;
-        let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        request.set_timeout(CALL_TIMEOUT);
-        let mut responses = conn
-            .artifacts()
-            .upload(request)
-            .await
-            .map_err(|s| conn.fail(s))?
-            .into_inner();
+        let mut responses = conn.upload_call(rx).await?;
         let ready = match next_message(&mut responses)
             .await
             .map_err(|e| conn.explain(e))?
