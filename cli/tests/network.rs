@@ -827,7 +827,7 @@ fn workflows_run_on_agents_and_land_in_their_stores() {
     let master = net.master(&[]);
     let _build = net.agent("build-agent", Some(&master), &[]);
     let m = master.addr.as_str();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let examples = common::examples();
     let ci = examples.join("ci_pipeline.sloth");
     let ci = ci.to_str().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -963,7 +963,7 @@ fn running_workflows_needs_the_run_scope() {
         ],
     );
     let a = agent.addr.as_str();
-    let ci = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ci_pipeline.sloth");
+    let ci = common::examples().join("ci_pipeline.sloth");
     let ci = ci.to_str().unwrap();
     let under = net.fails(&[
         "--token",

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,9 +88,11 @@ fn task<'a>(report: &'a RunReport, name: &str) -> &'a sloth_lua::TaskReport {
 }
 
 fn example(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(name);
+    // The `CARGO_MANIFEST_DIR` of the run, not of the build: two checkouts sharing a target
+    // directory can reuse each other's test binaries, and the baked path is then the other's.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let path = dir.join("../examples").join(name);
     std::fs::read_to_string(path).unwrap()
 }
 
