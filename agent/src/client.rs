@@ -185,7 +185,7 @@ impl Connection {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// Opens an `Upload` call sending what `requests` yields (see [`crate::upload_wire`]).
+    /// Opens an `Upload` call sending what `requests` yields (see [`crate::wire`]).
     async fn upload_call(
         &self,
         requests: mpsc::Receiver<pb::UploadRequest>,
@@ -201,7 +201,7 @@ impl Connection {
             ("authorization", header(&self.credentials.authorization)?),
             (USER_HEADER, header(&self.credentials.user)?),
         ];
-        crate::upload_wire::upload(&self.channel, headers, CALL_TIMEOUT, MAX_MESSAGE, requests)
+        crate::wire::upload(&self.channel, headers, CALL_TIMEOUT, MAX_MESSAGE, requests)
             .await
             .map_err(|s| self.fail(s))
     }

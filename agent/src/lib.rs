@@ -22,7 +22,7 @@ pub mod metrics;
 pub mod retention;
 pub mod server;
 pub mod tls;
-mod upload_wire;
+mod wire;
 pub mod workflows;
 
 pub use error::{Error, Result};

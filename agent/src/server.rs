@@ -221,6 +221,8 @@ pub async fn serve(
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
+    // Download and GetChunks answers go out without tonic's copy (`wire.rs`).
+    let artifacts = crate::wire::SendUnencoded::new(artifacts, MAX_MESSAGE);
     let info = agent_server::AgentServer::new(InfoService {
         engine: Arc::clone(&engine),
         name: config.name.clone(),
@@ -627,7 +629,7 @@ impl artifacts_server::Artifacts for ArtifactsService {
                 })
             },
         );
-        Ok(Response::new(Box::pin(first.chain(frames))))
+        Ok(crate::wire::unencoded(first.chain(frames)))
     }
 
     async fn confirm_download(
@@ -762,13 +764,13 @@ impl artifacts_server::Artifacts for ArtifactsService {
             .map(|id| convert::chunk_id(id))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| protocol(e.to_string()))?;
-        Ok(Response::new(Box::pin(frame_stream(
+        Ok(crate::wire::unencoded(frame_stream(
             self.engine.cas().clone(),
             &self.metrics,
             ids,
             String::new(),
             self.metrics.timer("get_chunks"),
-        ))))
+        )))
     }
 }
 

@@ -500,3 +500,70 @@ async fn file_uploads_hash_only_what_the_agent_lacks_and_catch_a_changing_file()
     assert_eq!(listed.len(), 2);
     assert_eq!(agent.stop().await, 2);
 }
+
+/// The agent encodes Download and GetChunks answers itself (`wire.rs`): tonic's own client
+/// reads them as it reads any answer, with an error after some frames as the call's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_sent_without_tonics_encoder_read_back_with_tonics_client() {
+    let mut agent = Agent::start().await;
+    let data = noise(300_000, 4);
+    let (offered, id) = offer(&data);
+    agent
+        .upload(vec![begin(), offered, frames(id, &data), commit(&data)])
+        .await
+        .unwrap();
+
+    let selector = pb::Selector {
+        name: "app.bin".into(),
+        stack: Some("prod".into()),
+        task: Some("build".into()),
+        ..Default::default()
+    };
+    let mut answers = agent.client.download(selector).await.unwrap().into_inner();
+    let mut header = None;
+    let mut content = Vec::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        match answer.step.unwrap() {
+            pb::download_response::Step::Header(h) => header = Some(h),
+            pb::download_response::Step::Frames(f) => {
+                for f in f.frames {
+                    assert_eq!(&f.id[..], id.as_bytes());
+                    content.extend_from_slice(&frame::decode(&id, &f.data).unwrap());
+                }
+            }
+        }
+    }
+    assert_eq!(header.unwrap().length, data.len() as u64);
+    assert_eq!(content, data);
+
+    // A known chunk, then one the agent does not hold: the first arrives, then the error.
+    let unknown = ChunkId::digest(b"never stored");
+    let mut answers = agent
+        .client
+        .get_chunks(pb::GetChunksRequest {
+            ids: vec![
+                Bytes::copy_from_slice(id.as_bytes()),
+                Bytes::copy_from_slice(unknown.as_bytes()),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = Vec::new();
+    let status = loop {
+        match answers.message().await {
+            Ok(Some(m)) => received.extend(m.frames),
+            Ok(None) => panic!("the stream ended without the error"),
+            Err(status) => break status,
+        }
+    };
+    assert!(received.len() <= 1, "{} frames", received.len());
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("chunk {unknown} is not stored")),
+        "{status}"
+    );
+    assert_eq!(agent.stop().await, 1);
+}
