@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use sloth_cas::{
     ChunkId, ChunkRef, Chunker, ChunkerParams, Claim, ContentCheck, ContentSink, frame,
 };
@@ -23,6 +23,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::auth::USER_HEADER;
 use crate::limits::*;
 use crate::tls::ClientTls;
+use crate::wire::Decoded;
 use crate::{Error, Result, convert};
 
 /// A workflow to run on an agent ([`Remote::run_workflow`]).
@@ -185,11 +186,8 @@ impl Connection {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// Opens an `Upload` call sending what `requests` yields (see [`crate::wire`]).
-    async fn upload_call(
-        &self,
-        requests: mpsc::Receiver<pb::UploadRequest>,
-    ) -> Result<tonic::Streaming<pb::UploadResponse>> {
+    /// The credentials as the headers of a call made without tonic's client.
+    fn call_headers(&self) -> Result<crate::wire::CallHeaders> {
         let header = |value: &Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>| {
             value
                 .as_ref()
@@ -197,13 +195,41 @@ impl Connection {
                 .transpose()
                 .map_err(|e| Error::Config(format!("a credential is not a valid header: {e}")))
         };
-        let headers = [
+        Ok([
             ("authorization", header(&self.credentials.authorization)?),
             (USER_HEADER, header(&self.credentials.user)?),
-        ];
+        ])
+    }
+
+    /// Opens an `Upload` call sending what `requests` yields (see [`crate::wire`]).
+    async fn upload_call(
+        &self,
+        requests: mpsc::Receiver<pb::UploadRequest>,
+    ) -> Result<Decoded<pb::UploadResponse>> {
+        let headers = self.call_headers()?;
         crate::wire::upload(&self.channel, headers, CALL_TIMEOUT, MAX_MESSAGE, requests)
             .await
             .map_err(|s| self.fail(s))
+    }
+
+    /// Calls a method whose answers carry chunk frames, decoding them without tonic's copy
+    /// (see [`crate::wire`]).
+    async fn frames_call<M: prost::Message + Default>(
+        &self,
+        method: &'static str,
+        request: &impl prost::Message,
+    ) -> Result<Decoded<M>> {
+        let headers = self.call_headers()?;
+        crate::wire::server_streaming(
+            &self.channel,
+            method,
+            headers,
+            CALL_TIMEOUT,
+            MAX_MESSAGE,
+            request,
+        )
+        .await
+        .map_err(|s| self.fail(s))
     }
 
     pub(crate) fn agent(&self) -> AgentClient<Authed> {
@@ -718,11 +744,11 @@ impl Remote {
     ) -> Result<Downloaded> {
         let mut stream = self
             .conn
-            .artifacts()
-            .download(convert::selector(selector))
-            .await
-            .map_err(|s| self.conn.fail(s))?
-            .into_inner();
+            .frames_call::<pb::DownloadResponse>(
+                "/sloth.artifacts.v1.Artifacts/Download",
+                &convert::selector(selector),
+            )
+            .await?;
         let header = match next_message(&mut stream)
             .await
             .map_err(|e| self.conn.explain(e))?
@@ -878,12 +904,14 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> Result<Option<T>> {
-    match tokio::time::timeout(IDLE_TIMEOUT, stream.message()).await {
+async fn next_message<T>(
+    stream: &mut (impl Stream<Item = Result<T, tonic::Status>> + Unpin),
+) -> Result<Option<T>> {
+    match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
         Err(_) => Err(Error::Remote(format!(
             "the agent sent nothing for {IDLE_TIMEOUT:?}"
         ))),
-        Ok(result) => Ok(result?),
+        Ok(result) => Ok(result.transpose()?),
     }
 }
 
@@ -1229,11 +1257,11 @@ async fn fetch(source: &Connection, batch: &Batch, missing: &[u32]) -> Result<Ve
         .map(|&i| Bytes::copy_from_slice(batch.refs[i as usize].id.as_bytes()))
         .collect();
     let mut stream = source
-        .artifacts()
-        .get_chunks(pb::GetChunksRequest { ids: ids.clone() })
-        .await
-        .map_err(|s| source.fail(s))?
-        .into_inner();
+        .frames_call::<pb::Frames>(
+            "/sloth.artifacts.v1.Artifacts/GetChunks",
+            &pb::GetChunksRequest { ids: ids.clone() },
+        )
+        .await?;
     let mut frames = Vec::with_capacity(ids.len());
     while let Some(message) = next_message(&mut stream).await? {
         frames.extend(message.frames);
@@ -1249,7 +1277,7 @@ async fn fetch(source: &Connection, batch: &Batch, missing: &[u32]) -> Result<Ve
 /// The client's half of one upload conversation (see `UploadRequest` in `artifacts.proto`).
 struct UploadSession {
     requests: mpsc::Sender<pb::UploadRequest>,
-    responses: tonic::Streaming<pb::UploadResponse>,
+    responses: Decoded<pb::UploadResponse>,
     avg_chunk: u32,
     zstd_level: i32,
     split_frames: bool,

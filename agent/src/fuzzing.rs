@@ -109,3 +109,55 @@ pub fn decode(kind: u8, bytes: &[u8]) {
         }
     }
 }
+
+/// The entry point of the `grpc_messages` fuzz target: `bytes`, received in pieces cut where
+/// `cuts` says, decode to the same answers as the whole of `bytes` decoded one message after
+/// another from a slice, failing at the same message for the same reason.
+pub fn grpc_messages(cuts: &[u8], bytes: &[u8]) {
+    use crate::wire::{Segments, next_decoded};
+    const MAX: usize = 1 << 16;
+
+    // The plain way: each prefix, then the message from a slice.
+    let mut expected = Vec::new();
+    let mut rest = bytes;
+    let expected_failure = loop {
+        if rest.len() < 5 {
+            break None;
+        }
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if rest[0] != 0 || len > MAX {
+            break Some(());
+        }
+        if rest.len() < 5 + len {
+            break None;
+        }
+        match pb::DownloadResponse::decode(&rest[5..5 + len]) {
+            Ok(m) => expected.push(m),
+            Err(_) => break Some(()),
+        }
+        rest = &rest[5 + len..];
+    };
+
+    let mut received = Segments::default();
+    let mut decoded = Vec::new();
+    let mut failure = None;
+    let mut at = 0;
+    let mut cuts = cuts.iter().map(|&c| c as usize + 1).cycle();
+    'receiving: while at < bytes.len() {
+        let n = cuts.next().unwrap_or(bytes.len()).min(bytes.len() - at);
+        received.push(bytes::Bytes::copy_from_slice(&bytes[at..at + n]));
+        at += n;
+        loop {
+            match next_decoded::<pb::DownloadResponse>(&mut received, MAX) {
+                Ok(Some(m)) => decoded.push(m),
+                Ok(None) => break,
+                Err(_) => {
+                    failure = Some(());
+                    break 'receiving;
+                }
+            }
+        }
+    }
+    assert_eq!(decoded, expected, "pieces decode as the whole does");
+    assert_eq!(failure, expected_failure, "and fail at the same message");
+}

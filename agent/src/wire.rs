@@ -27,10 +27,8 @@ use http_body::Frame as BodyFrame;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use sloth_proto::artifacts as pb;
-use sloth_proto::codec::SizedCodec;
 use tokio::sync::mpsc;
 use tonic::Status;
-use tonic::codec::Codec;
 use tonic::transport::Channel;
 use tower::Service;
 
@@ -75,26 +73,62 @@ impl CarriesFrames for pb::Frames {
 pub(crate) type CallHeaders = [(&'static str, Option<http::HeaderValue>); 2];
 
 /// Opens an `Upload` call on `channel` sending what `requests` yields, each message at most
-/// `max_message` bytes encoded. Returns the agent's response stream once it answered the
-/// call's headers.
+/// `max_message` bytes encoded (and so each answer).
 pub(crate) async fn upload(
     channel: &Channel,
     headers: CallHeaders,
     timeout: Duration,
     max_message: usize,
     requests: mpsc::Receiver<pb::UploadRequest>,
-) -> Result<tonic::Streaming<pb::UploadResponse>, Status> {
+) -> Result<Decoded<pb::UploadResponse>, Status> {
     let requests = tokio_stream::wrappers::ReceiverStream::new(requests).map(Ok);
     let body = EncodedBody::new(requests, max_message, Role::Client);
+    call(channel, UPLOAD_PATH, headers, timeout, max_message, body).await
+}
+
+/// Calls the server-streaming method at `path` with `request`; its answers are decoded by
+/// [`Decoded`], each at most `max_message` bytes.
+pub(crate) async fn server_streaming<M: Message + Default>(
+    channel: &Channel,
+    path: &'static str,
+    headers: CallHeaders,
+    timeout: Duration,
+    max_message: usize,
+    request: &impl Message,
+) -> Result<Decoded<M>, Status> {
+    let mut framed = BytesMut::with_capacity(5 + request.encoded_len());
+    framed.put_u8(0);
+    framed.put_u32(request.encoded_len() as u32);
+    request
+        .encode(&mut framed)
+        .map_err(|e| Status::internal(format!("encoding a request: {e}")))?;
+    let body = http_body_util::Full::new(framed.freeze());
+    call(channel, path, headers, timeout, max_message, body).await
+}
+
+/// Sends a call with the headers tonic's client would send; returns its answers once the agent
+/// answered the call's headers.
+async fn call<M, B>(
+    channel: &Channel,
+    path: &'static str,
+    headers: CallHeaders,
+    timeout: Duration,
+    max_message: usize,
+    body: B,
+) -> Result<Decoded<M>, Status>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
     let mut request = http::Request::builder()
         .method(http::Method::POST)
         .version(http::Version::HTTP_2)
-        .uri(UPLOAD_PATH)
+        .uri(path)
         .header(http::header::TE, "trailers")
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header("grpc-timeout", format!("{}S", timeout.as_secs().max(1)))
         .body(tonic::body::Body::new(body))
-        .map_err(|e| Status::internal(format!("building the upload request: {e}")))?;
+        .map_err(|e| Status::internal(format!("building a request: {e}")))?;
     for (name, value) in headers {
         if let Some(value) = value {
             request.headers_mut().insert(name, value);
@@ -108,22 +142,20 @@ pub(crate) async fn upload(
         .call(request)
         .await
         .map_err(|e| Status::from_error(e.into()))?;
-    // As tonic's client: a `grpc-status` among the headers is a trailers-only answer, an error
-    // unless it says OK (and then the stream is empty).
-    let decoder = SizedCodec::<pb::UploadRequest, pb::UploadResponse>::default().decoder();
-    let status = response.status();
     let (parts, body) = response.into_parts();
-    match Status::from_header_map(&parts.headers) {
-        Some(s) if s.code() != tonic::Code::Ok => Err(s),
-        Some(_) => Ok(tonic::Streaming::new_empty(decoder, body)),
-        None => Ok(tonic::Streaming::new_response(
-            decoder,
-            body,
-            status,
-            None,
-            Some(max_message),
-        )),
+    // As tonic's client: a `grpc-status` among the headers is a trailers-only answer, an error
+    // unless it says OK (and then there are no messages).
+    if Status::from_header_map(&parts.headers).is_some() {
+        status_of(&parts.headers)?;
+        return Ok(Decoded::empty());
     }
+    if parts.status != http::StatusCode::OK {
+        return Err(Status::unknown(format!(
+            "the agent answered HTTP {} where gRPC was expected",
+            parts.status
+        )));
+    }
+    Ok(Decoded::new(body, max_message))
 }
 
 /// Which end sends the body: an agent ends its answer with the call's status as trailers; a
@@ -362,6 +394,221 @@ fn take<M>(slot: &Mutex<Option<ResponseStream<M>>>) -> Option<ResponseStream<M>>
     slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
+/// Bytes received but not yet decoded, as the `Bytes` they arrived in (h2 hands over each DATA
+/// frame as a slice of its read buffer).
+#[derive(Debug, Default)]
+pub(crate) struct Segments {
+    parts: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Segments {
+    /// Appends `bytes`.
+    pub(crate) fn push(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.len += bytes.len();
+            self.parts.push_back(bytes);
+        }
+    }
+
+    /// The first `n` bytes (`n <= len`), taken off the front.
+    fn split_to(&mut self, n: usize) -> Segments {
+        let mut taken = Segments::default();
+        while taken.len < n {
+            let want = n - taken.len;
+            let Some(front) = self.parts.front_mut() else {
+                break;
+            };
+            let part = if front.len() <= want {
+                self.parts.pop_front().unwrap_or_default()
+            } else {
+                front.split_to(want)
+            };
+            self.len -= part.len();
+            taken.push(part);
+        }
+        taken
+    }
+
+    /// The first five bytes: a gRPC message's prefix.
+    fn prefix(&self) -> Option<[u8; 5]> {
+        let mut prefix = [0u8; 5];
+        let mut at = 0;
+        for part in &self.parts {
+            let n = (5 - at).min(part.len());
+            prefix[at..at + n].copy_from_slice(&part[..n]);
+            at += n;
+            if at == 5 {
+                return Some(prefix);
+            }
+        }
+        None
+    }
+}
+
+impl bytes::Buf for Segments {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |b| &b[..])
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        assert!(n <= self.len, "advance past the end");
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.parts.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                self.parts.pop_front();
+            } else {
+                bytes::Buf::advance(front, n);
+                n = 0;
+            }
+        }
+    }
+
+    /// Without a copy when the `len` bytes lie in one segment: how chunk payloads are decoded.
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        assert!(len <= self.len, "copy_to_bytes past the end");
+        match self.parts.front_mut() {
+            Some(front) if front.len() >= len => {
+                let bytes = front.split_to(len);
+                if front.is_empty() {
+                    self.parts.pop_front();
+                }
+                self.len -= len;
+                bytes
+            }
+            _ => {
+                let mut copy = BytesMut::with_capacity(len);
+                copy.put(self.split_to(len));
+                copy.freeze()
+            }
+        }
+    }
+}
+
+/// Takes the next whole gRPC message off `received`, if it holds one: `Ok(None)` until then.
+/// A message longer than `max`, or compressed (no compression is ever negotiated), is an error.
+pub(crate) fn next_decoded<M: Message + Default>(
+    received: &mut Segments,
+    max: usize,
+) -> Result<Option<M>, Status> {
+    let Some(prefix) = received.prefix() else {
+        return Ok(None);
+    };
+    if prefix[0] != 0 {
+        return Err(Status::internal(format!(
+            "a message with compression flag {} (none was agreed)",
+            prefix[0]
+        )));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > max {
+        return Err(Status::out_of_range(format!(
+            "a message of {len} bytes exceeds the limit of {max}"
+        )));
+    }
+    if received.len < 5 + len {
+        return Ok(None);
+    }
+    bytes::Buf::advance(received, 5);
+    M::decode(received.split_to(len))
+        .map(Some)
+        .map_err(|e| Status::internal(format!("a malformed message: {e}")))
+}
+
+/// The messages of an agent's answer, decoded as they arrive, with chunk payloads as slices of
+/// the received buffers where they lie within one (see [`Segments::copy_to_bytes`]).
+pub(crate) struct Decoded<M> {
+    body: tonic::body::Body,
+    received: Segments,
+    max_message: usize,
+    /// The call's status once the body ended (`Some(Ok)` for OK).
+    ended: Option<Result<(), Status>>,
+    _message: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M> Decoded<M> {
+    fn new(body: tonic::body::Body, max_message: usize) -> Self {
+        Self {
+            body,
+            received: Segments::default(),
+            max_message,
+            ended: None,
+            _message: std::marker::PhantomData,
+        }
+    }
+
+    /// An answer with no messages (the status came with the headers).
+    fn empty() -> Self {
+        let mut empty = Self::new(tonic::body::Body::empty(), 0);
+        empty.ended = Some(Ok(()));
+        empty
+    }
+}
+
+impl<M: Message + Default> Stream for Decoded<M> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match next_decoded(&mut this.received, this.max_message) {
+                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                Ok(None) => {}
+                Err(status) => {
+                    this.ended = Some(Ok(()));
+                    this.received = Segments::default();
+                    return Poll::Ready(Some(Err(status)));
+                }
+            }
+            if let Some(ended) = this.ended.take() {
+                this.ended = Some(Ok(()));
+                let ended = ended.and_then(|()| match this.received.len {
+                    0 => Ok(()),
+                    n => Err(Status::internal(format!(
+                        "the answer ended inside a message ({n} bytes of it)"
+                    ))),
+                });
+                this.received = Segments::default();
+                return Poll::Ready(ended.err().map(Err));
+            }
+            match ready!(http_body::Body::poll_frame(Pin::new(&mut this.body), cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.received.push(data),
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            this.ended = Some(status_of(&trailers));
+                        }
+                    }
+                },
+                Some(Err(e)) => this.ended = Some(Err(e)),
+                None => {
+                    if this.ended.is_none() {
+                        this.ended =
+                            Some(Err(Status::internal("the answer ended without a status")));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The call's status from its trailers.
+fn status_of(trailers: &http::HeaderMap) -> Result<(), Status> {
+    match Status::from_header_map(trailers) {
+        Some(s) if s.code() == tonic::Code::Ok => Ok(()),
+        Some(s) => Err(s),
+        None => Err(Status::internal("the answer's trailers hold no status")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,6 +806,98 @@ mod tests {
         assert!(data.is_empty());
         let status = Status::from_header_map(&trailers).unwrap();
         assert_eq!(status.code(), tonic::Code::OutOfRange);
+    }
+
+    proptest! {
+        /// What an agent's body sends, received in any pieces, decodes to what was sent.
+        #[test]
+        fn answers_received_in_pieces_decode_as_sent(
+            lens in prop::collection::vec(0usize..3 * CHAIN_AT, 0..6),
+            cuts in prop::collection::vec(1usize..5000, 1..20),
+        ) {
+            let answers: Vec<pb::DownloadResponse> = lens
+                .iter()
+                .map(|&len| pb::DownloadResponse {
+                    step: Some(pb::download_response::Step::Frames(pb::Frames {
+                        frames: vec![a_frame(len), a_frame(len / 2)],
+                    })),
+                })
+                .collect();
+            let mut sent = VecDeque::new();
+            for answer in &answers {
+                encode(answer.clone(), usize::MAX >> 1, &mut sent).unwrap();
+            }
+            let bytes: Vec<u8> = sent.into_iter().flatten().collect();
+            let mut received = Segments::default();
+            let mut decoded = Vec::new();
+            let (mut at, mut cut) = (0, cuts.iter().cycle());
+            while at < bytes.len() {
+                let n = (*cut.next().unwrap()).min(bytes.len() - at);
+                received.push(Bytes::copy_from_slice(&bytes[at..at + n]));
+                at += n;
+                while let Some(m) = next_decoded::<pb::DownloadResponse>(&mut received, 1 << 24).unwrap() {
+                    decoded.push(m);
+                }
+            }
+            prop_assert_eq!(decoded, answers);
+            prop_assert_eq!(received.len, 0);
+        }
+    }
+
+    #[test]
+    fn payloads_within_one_received_piece_are_not_copied() {
+        let frames = pb::Frames {
+            frames: vec![a_frame(CHAIN_AT * 2)],
+        };
+        let mut sent = VecDeque::new();
+        encode(frames.clone(), usize::MAX >> 1, &mut sent).unwrap();
+        // As the agent sends it: fields, then the payload as its own piece.
+        let pieces: Vec<Bytes> = sent.into_iter().collect();
+        assert_eq!(pieces.len(), 2);
+        let mut received = Segments::default();
+        for piece in &pieces {
+            received.push(piece.clone());
+        }
+        let decoded = next_decoded::<pb::Frames>(&mut received, 1 << 24)
+            .unwrap()
+            .unwrap();
+        assert_eq!(decoded, frames);
+        assert_eq!(decoded.frames[0].data.as_ptr(), pieces[1].as_ptr());
+
+        // Cut through the payload: decoded all the same (copied).
+        let whole: Vec<u8> = pieces.concat();
+        let mut received = Segments::default();
+        received.push(Bytes::copy_from_slice(&whole[..100]));
+        assert!(
+            next_decoded::<pb::Frames>(&mut received, 1 << 24)
+                .unwrap()
+                .is_none()
+        );
+        received.push(Bytes::copy_from_slice(&whole[100..]));
+        assert_eq!(
+            next_decoded::<pb::Frames>(&mut received, 1 << 24)
+                .unwrap()
+                .unwrap(),
+            frames
+        );
+    }
+
+    #[test]
+    fn bad_prefixes_and_bodies_are_errors() {
+        let mut received = Segments::default();
+        received.push(Bytes::from_static(&[1, 0, 0, 0, 0]));
+        let err = next_decoded::<pb::Frames>(&mut received, 100).unwrap_err();
+        assert!(err.message().contains("compression flag 1"), "{err}");
+
+        let mut received = Segments::default();
+        received.push(Bytes::from_static(&[0, 0, 0, 1, 0]));
+        let err = next_decoded::<pb::Frames>(&mut received, 100).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+
+        let mut received = Segments::default();
+        received.push(Bytes::from_static(&[0, 0, 0, 0, 2, 0x0a, 0x05]));
+        let err = next_decoded::<pb::Frames>(&mut received, 100).unwrap_err();
+        assert!(err.message().contains("malformed"), "{err}");
     }
 
     #[test]
