@@ -400,6 +400,9 @@ struct ArtifactsService {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// An upload's requests: decoded by `wire.rs`, or by tonic where the service runs unwrapped.
+type Inbound = ResponseStream<pb::UploadRequest>;
+
 fn name_arg(what: &'static str, value: &str) -> Result<String, Status> {
     Name::parse(what, value)
         .map(|n| n.to_string())
@@ -578,7 +581,11 @@ impl artifacts_server::Artifacts for ArtifactsService {
         request: Request<Streaming<pb::UploadRequest>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
         let principal = principal(&request);
-        let inbound = request.into_inner();
+        let mut request = request;
+        let inbound: Inbound = match crate::wire::undecoded(&mut request) {
+            Some(decoded) => Box::pin(decoded),
+            None => Box::pin(request.into_inner()),
+        };
         let (tx, rx) = mpsc::channel(OFFER_WINDOW + 1);
         let engine = Arc::clone(&self.engine);
         let metrics = Arc::clone(&self.metrics);
@@ -862,18 +869,18 @@ async fn upload_session(
     engine: &Engine,
     metrics: &Metrics,
     principal: &str,
-    mut inbound: Streaming<pb::UploadRequest>,
+    mut inbound: Inbound,
     tx: &mpsc::Sender<Result<pb::UploadResponse, Status>>,
 ) -> Result<(), Status> {
     use pb::upload_request::Step;
     let mut next = async || -> Result<Option<Step>, Status> {
-        match tokio::time::timeout(IDLE_TIMEOUT, inbound.message()).await {
+        match tokio::time::timeout(IDLE_TIMEOUT, inbound.next()).await {
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "the upload sent nothing for {IDLE_TIMEOUT:?}; nothing was stored"
             ))),
-            Ok(Err(status)) => Err(status),
-            Ok(Ok(None)) => Ok(None),
-            Ok(Ok(Some(message))) => message
+            Ok(Some(Err(status))) => Err(status),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(message))) => message
                 .step
                 .map(Some)
                 .ok_or_else(|| protocol("an upload message with no step")),

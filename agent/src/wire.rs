@@ -336,8 +336,21 @@ pub(crate) fn unencoded<M: CarriesFrames + Send>(
     response
 }
 
-/// Wraps the artifacts service: answers whose messages a handler left as [`unencoded`] (those
-/// of `Download` and `GetChunks`) are sent with [`EncodedBody`] instead of tonic's encoder.
+/// An `Upload` request's messages, decoded by [`Decoded`] and waiting in the request's
+/// extensions for the handler ([`undecoded`]); tonic is handed an empty body.
+#[derive(Clone)]
+struct Undecoded(Arc<Mutex<Option<Decoded<pb::UploadRequest>>>>);
+
+/// The `Upload` request's messages as [`SendUnencoded`] decodes them, when it did.
+pub(crate) fn undecoded<T>(request: &mut tonic::Request<T>) -> Option<Decoded<pb::UploadRequest>> {
+    let Undecoded(slot) = request.extensions_mut().remove::<Undecoded>()?;
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Wraps the artifacts service. `Upload` requests are decoded by [`Decoded`] instead of
+/// tonic's decoder, which copies every received frame once more (see [`undecoded`]); answers
+/// whose messages a handler left as [`unencoded`] (those of `Download` and `GetChunks`) are
+/// sent with [`EncodedBody`] instead of tonic's encoder.
 #[derive(Debug, Clone)]
 pub(crate) struct SendUnencoded<S> {
     inner: S,
@@ -354,9 +367,9 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for SendUnencod
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> Service<http::Request<B>> for SendUnencoded<S>
+impl<S> Service<http::Request<tonic::body::Body>> for SendUnencoded<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -367,9 +380,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let answer = self.inner.call(request);
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         let max = self.max_message;
+        if request.uri().path() == UPLOAD_PATH {
+            let body = std::mem::take(request.body_mut());
+            let decoded = Decoded::request(body, max);
+            request
+                .extensions_mut()
+                .insert(Undecoded(Arc::new(Mutex::new(Some(decoded)))));
+        }
+        let answer = self.inner.call(request);
         Box::pin(async move {
             let mut response = answer.await?;
             let extensions = response.extensions_mut();
@@ -531,6 +551,8 @@ pub(crate) struct Decoded<M> {
     max_message: usize,
     /// The call's status once the body ended (`Some(Ok)` for OK).
     ended: Option<Result<(), Status>>,
+    /// An answer ends with the call's status as trailers; a request simply ends.
+    ends_with_status: bool,
     _message: std::marker::PhantomData<fn() -> M>,
 }
 
@@ -541,7 +563,16 @@ impl<M> Decoded<M> {
             received: Segments::default(),
             max_message,
             ended: None,
+            ends_with_status: true,
             _message: std::marker::PhantomData,
+        }
+    }
+
+    /// The messages of a client's request.
+    fn request(body: tonic::body::Body, max_message: usize) -> Self {
+        Self {
+            ends_with_status: false,
+            ..Self::new(body, max_message)
         }
     }
 
@@ -573,7 +604,7 @@ impl<M: Message + Default> Stream for Decoded<M> {
                 let ended = ended.and_then(|()| match this.received.len {
                     0 => Ok(()),
                     n => Err(Status::internal(format!(
-                        "the answer ended inside a message ({n} bytes of it)"
+                        "the stream ended inside a message ({n} bytes of it)"
                     ))),
                 });
                 this.received = Segments::default();
@@ -589,12 +620,13 @@ impl<M: Message + Default> Stream for Decoded<M> {
                     }
                 },
                 Some(Err(e)) => this.ended = Some(Err(e)),
-                None => {
-                    if this.ended.is_none() {
-                        this.ended =
-                            Some(Err(Status::internal("the answer ended without a status")));
-                    }
+                None if this.ended.is_none() => {
+                    this.ended = Some(match this.ends_with_status {
+                        true => Err(Status::internal("the answer ended without a status")),
+                        false => Ok(()),
+                    });
                 }
+                None => {}
             }
         }
     }
