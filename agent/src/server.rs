@@ -221,7 +221,8 @@ pub async fn serve(
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
-    // Download and GetChunks answers go out without tonic's copy (`wire.rs`).
+    // Upload requests come in, and Download and GetChunks answers go out, without tonic's
+    // copies (`wire.rs`).
     let artifacts = crate::wire::SendUnencoded::new(artifacts, MAX_MESSAGE);
     let info = agent_server::AgentServer::new(InfoService {
         engine: Arc::clone(&engine),

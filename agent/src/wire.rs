@@ -1,19 +1,22 @@
-//! Messages that carry chunk frames, encoded here rather than by tonic, so that chunk payloads
-//! reach the socket without being copied: the client's `Upload` requests, and the agent's
-//! `Download` and `GetChunks` responses.
+//! The messages that carry chunk frames, encoded and decoded here rather than by tonic, so that
+//! chunk payloads are not copied on their way through: `Upload` requests, and `Download` and
+//! `GetChunks` answers, at both ends.
 //!
-//! tonic encodes every outgoing message into a buffer of its own, which copies each chunk once
-//! more on its way out: about 2.4% of a loopback upload's client CPU (`docs/benchmarks.md`).
-//! [`EncodedBody`] writes the same bytes prost would — the gRPC message prefix, then the
-//! protobuf encoding — but hands each chunk's payload on as the `Bytes` it already is, between
-//! small buffers holding the fields around it. h2 sends payloads that large from where they are
-//! (vectored writes), so the only copy left is the kernel's.
+//! tonic encodes every outgoing message into a buffer of its own, and copies every received
+//! DATA frame into another before decoding: one copy of each chunk at each end, about 5% of a
+//! loopback transfer's CPU (`docs/benchmarks.md`). [`EncodedBody`] writes the same bytes prost
+//! would — the gRPC message prefix, then the protobuf encoding — but hands each chunk's payload
+//! on as the `Bytes` it already is, between small buffers holding the fields around it; h2 sends
+//! payloads that large from where they are (vectored writes), each as its own DATA frame.
+//! [`Decoded`] keeps what arrives as the `Bytes` h2 hands over ([`Segments`]), and prost takes
+//! each payload as a slice of the frame it lies in. The only copies left are the kernel's.
 //!
-//! Everything else stays tonic's. On the client, [`upload`] sends the headers tonic's client
-//! would (the path, `te`, `content-type`, the deadline, the credentials) and decodes the answers
-//! with [`tonic::Streaming`]. On the agent, tonic decodes the request and runs the handler; the
-//! handler leaves its messages in the response's extensions ([`unencoded`]) and
-//! [`SendUnencoded`], around the service, sends them.
+//! Everything else stays tonic's. The client sends the headers tonic's client would (the path,
+//! `te`, `content-type`, the deadline, the credentials) and reads statuses as it does. On the
+//! agent, [`SendUnencoded`] wraps the generated service: it takes an `Upload` request's body
+//! before tonic sees it and hands the handler its decoded messages ([`undecoded`]); tonic runs
+//! the handlers as ever, and a `Download` or `GetChunks` handler leaves its messages in its
+//! answer's extensions ([`unencoded`]) for the wrapper to send.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -25,7 +28,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use http_body::Frame as BodyFrame;
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::encoding::{WireType, encode_key, encode_varint};
 use sloth_proto::artifacts as pb;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -96,9 +99,10 @@ pub(crate) async fn server_streaming<M: Message + Default>(
     max_message: usize,
     request: &impl Message,
 ) -> Result<Decoded<M>, Status> {
-    let mut framed = BytesMut::with_capacity(5 + request.encoded_len());
+    let len = request.encoded_len();
+    let mut framed = BytesMut::with_capacity(5 + len);
     framed.put_u8(0);
-    framed.put_u32(request.encoded_len() as u32);
+    framed.put_u32(len as u32);
     request
         .encode(&mut framed)
         .map_err(|e| Status::internal(format!("encoding a request: {e}")))?;
@@ -145,15 +149,31 @@ where
     let (parts, body) = response.into_parts();
     // As tonic's client: a `grpc-status` among the headers is a trailers-only answer, an error
     // unless it says OK (and then there are no messages).
-    if Status::from_header_map(&parts.headers).is_some() {
-        status_of(&parts.headers)?;
-        return Ok(Decoded::empty());
+    match Status::from_header_map(&parts.headers) {
+        Some(s) if s.code() != tonic::Code::Ok => return Err(s),
+        Some(_) => return Ok(Decoded::empty()),
+        None => {}
     }
     if parts.status != http::StatusCode::OK {
-        return Err(Status::unknown(format!(
-            "the agent answered HTTP {} where gRPC was expected",
-            parts.status
-        )));
+        // As tonic maps an answer that is not gRPC (a proxy's, say).
+        use http::StatusCode as H;
+        let code = match parts.status {
+            H::BAD_REQUEST => tonic::Code::Internal,
+            H::UNAUTHORIZED => tonic::Code::Unauthenticated,
+            H::FORBIDDEN => tonic::Code::PermissionDenied,
+            H::NOT_FOUND => tonic::Code::Unimplemented,
+            H::TOO_MANY_REQUESTS | H::BAD_GATEWAY | H::SERVICE_UNAVAILABLE | H::GATEWAY_TIMEOUT => {
+                tonic::Code::Unavailable
+            }
+            _ => tonic::Code::Unknown,
+        };
+        return Err(Status::new(
+            code,
+            format!(
+                "the agent answered HTTP {} where gRPC was expected",
+                parts.status
+            ),
+        ));
     }
     Ok(Decoded::new(body, max_message))
 }
@@ -298,7 +318,6 @@ fn put_bytes_field(tag: u32, value: Bytes, small: &mut BytesMut, out: &mut VecDe
     if value.is_empty() {
         return;
     }
-    small.reserve(1 + encoded_len_varint(value.len() as u64));
     encode_key(tag, WireType::LengthDelimited, small);
     encode_varint(value.len() as u64, small);
     if value.len() < CHAIN_AT {
@@ -309,42 +328,70 @@ fn put_bytes_field(tag: u32, value: Bytes, small: &mut BytesMut, out: &mut VecDe
     }
 }
 
-/// A handler's messages, waiting in its response's extensions for [`SendUnencoded`] (which
-/// needs the extension to be `Clone + Sync`, hence the shared slot).
-struct Unencoded<M>(Arc<Mutex<Option<ResponseStream<M>>>>);
+/// A slot a value waits in for whoever takes it first (`Clone + Sync`, as extensions must be).
+struct Slot<T>(Arc<Mutex<Option<T>>>);
 
-type ResponseStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+impl<T> Slot<T> {
+    fn new(value: T) -> Self {
+        Self(Arc::new(Mutex::new(Some(value))))
+    }
 
-impl<M> Clone for Unencoded<M> {
+    fn take(&self) -> Option<T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl<T> Clone for Slot<T> {
     fn clone(&self) -> Self {
         Self(Arc::clone(&self.0))
     }
 }
 
-/// A handler's answer whose messages [`SendUnencoded`] sends: tonic is handed an empty stream,
-/// and `messages` go in the response's extensions.
+type ResponseStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// A handler's answer whose messages [`SendUnencoded`] sends: they wait in the response's
+/// extensions. The stream tonic is handed takes them from there too, so that without the
+/// wrapper tonic sends them (encoded its own way); with it, tonic's stream is never polled.
 pub(crate) fn unencoded<M: CarriesFrames + Send>(
     messages: impl Stream<Item = Result<M, Status>> + Send + 'static,
 ) -> tonic::Response<ResponseStream<M>> {
-    let mut response =
-        tonic::Response::new(Box::pin(futures::stream::empty()) as ResponseStream<M>);
-    response
-        .extensions_mut()
-        .insert(Unencoded(Arc::new(Mutex::new(Some(
-            Box::pin(messages) as ResponseStream<M>
-        )))));
+    let slot = Slot::new(Box::pin(messages) as ResponseStream<M>);
+    let fallback = futures::stream::once({
+        let slot = slot.clone();
+        async move {
+            slot.take()
+                .unwrap_or_else(|| Box::pin(futures::stream::empty()))
+        }
+    })
+    .flatten();
+    let mut response = tonic::Response::new(Box::pin(fallback) as ResponseStream<M>);
+    response.extensions_mut().insert(slot);
     response
 }
 
-/// An `Upload` request's messages, decoded by [`Decoded`] and waiting in the request's
-/// extensions for the handler ([`undecoded`]); tonic is handed an empty body.
-#[derive(Clone)]
-struct Undecoded(Arc<Mutex<Option<Decoded<pb::UploadRequest>>>>);
-
-/// The `Upload` request's messages as [`SendUnencoded`] decodes them, when it did.
+/// The `Upload` request's messages, when [`SendUnencoded`] decoded them; tonic was handed an
+/// empty body.
 pub(crate) fn undecoded<T>(request: &mut tonic::Request<T>) -> Option<Decoded<pb::UploadRequest>> {
-    let Undecoded(slot) = request.extensions_mut().remove::<Undecoded>()?;
-    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    request
+        .extensions_mut()
+        .remove::<Slot<Decoded<pb::UploadRequest>>>()?
+        .take()
+}
+
+/// The encoded body of the messages `response` holds for [`SendUnencoded`], if it holds `M`s.
+fn encoded_body<M: CarriesFrames + Send>(
+    response: &mut http::Response<tonic::body::Body>,
+    max: usize,
+) -> Option<tonic::body::Body> {
+    let messages = response
+        .extensions_mut()
+        .remove::<Slot<ResponseStream<M>>>()?
+        .take()?;
+    Some(tonic::body::Body::new(EncodedBody::new(
+        messages,
+        max,
+        Role::Agent,
+    )))
 }
 
 /// Wraps the artifacts service. `Upload` requests are decoded by [`Decoded`] instead of
@@ -384,23 +431,15 @@ where
         let max = self.max_message;
         if request.uri().path() == UPLOAD_PATH {
             let body = std::mem::take(request.body_mut());
-            let decoded = Decoded::request(body, max);
-            request
-                .extensions_mut()
-                .insert(Undecoded(Arc::new(Mutex::new(Some(decoded)))));
+            let decoded = Decoded::<pb::UploadRequest>::request(body, max);
+            request.extensions_mut().insert(Slot::new(decoded));
         }
         let answer = self.inner.call(request);
         Box::pin(async move {
             let mut response = answer.await?;
-            let extensions = response.extensions_mut();
-            let body = if let Some(Unencoded(slot)) =
-                extensions.remove::<Unencoded<pb::DownloadResponse>>()
-            {
-                take(&slot).map(|m| tonic::body::Body::new(EncodedBody::new(m, max, Role::Agent)))
-            } else if let Some(Unencoded(slot)) = extensions.remove::<Unencoded<pb::Frames>>() {
-                take(&slot).map(|m| tonic::body::Body::new(EncodedBody::new(m, max, Role::Agent)))
-            } else {
-                None
+            let body = match encoded_body::<pb::DownloadResponse>(&mut response, max) {
+                Some(body) => Some(body),
+                None => encoded_body::<pb::Frames>(&mut response, max),
             };
             if let Some(body) = body {
                 *response.body_mut() = body;
@@ -410,12 +449,10 @@ where
     }
 }
 
-fn take<M>(slot: &Mutex<Option<ResponseStream<M>>>) -> Option<ResponseStream<M>> {
-    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
-}
-
 /// Bytes received but not yet decoded, as the `Bytes` they arrived in (h2 hands over each DATA
-/// frame as a slice of its read buffer).
+/// frame as a slice of its read buffer). Pieces shorter than [`CHAIN_AT`] are copied together,
+/// so that a peer sending tiny frames costs no more than tonic's buffer would: at most one
+/// entry per 4 KiB held, and no read buffer kept alive for a few bytes of it.
 #[derive(Debug, Default)]
 pub(crate) struct Segments {
     parts: VecDeque<Bytes>,
@@ -425,10 +462,39 @@ pub(crate) struct Segments {
 impl Segments {
     /// Appends `bytes`.
     pub(crate) fn push(&mut self, bytes: Bytes) {
-        if !bytes.is_empty() {
-            self.len += bytes.len();
-            self.parts.push_back(bytes);
+        if bytes.is_empty() {
+            return;
         }
+        self.len += bytes.len();
+        if bytes.len() >= CHAIN_AT {
+            self.parts.push_back(bytes);
+            return;
+        }
+        // Joined to a short last piece (one this copied, as nothing else is that short
+        // and unique), or started as a new one.
+        let joined = match self.parts.pop_back() {
+            Some(last) if last.len() < CHAIN_AT => match last.try_into_mut() {
+                Ok(mut last) => {
+                    last.extend_from_slice(&bytes);
+                    Some(last.freeze())
+                }
+                Err(last) => {
+                    self.parts.push_back(last);
+                    None
+                }
+            },
+            Some(last) => {
+                self.parts.push_back(last);
+                None
+            }
+            None => None,
+        };
+        let piece = joined.unwrap_or_else(|| {
+            let mut copy = BytesMut::with_capacity(CHAIN_AT);
+            copy.extend_from_slice(&bytes);
+            copy.freeze()
+        });
+        self.parts.push_back(piece);
     }
 
     /// The first `n` bytes (`n <= len`), taken off the front.
@@ -546,7 +612,8 @@ pub(crate) fn next_decoded<M: Message + Default>(
 /// The messages of an agent's answer, decoded as they arrive, with chunk payloads as slices of
 /// the received buffers where they lie within one (see [`Segments::copy_to_bytes`]).
 pub(crate) struct Decoded<M> {
-    body: tonic::body::Body,
+    /// (Wrapped, as tonic wraps it, so that a `&Decoded` held across an await stays `Send`.)
+    body: sync_wrapper::SyncWrapper<tonic::body::Body>,
     received: Segments,
     max_message: usize,
     /// The call's status once the body ended (`Some(Ok)` for OK).
@@ -559,7 +626,7 @@ pub(crate) struct Decoded<M> {
 impl<M> Decoded<M> {
     fn new(body: tonic::body::Body, max_message: usize) -> Self {
         Self {
-            body,
+            body: sync_wrapper::SyncWrapper::new(body),
             received: Segments::default(),
             max_message,
             ended: None,
@@ -610,23 +677,29 @@ impl<M: Message + Default> Stream for Decoded<M> {
                 this.received = Segments::default();
                 return Poll::Ready(ended.err().map(Err));
             }
-            match ready!(http_body::Body::poll_frame(Pin::new(&mut this.body), cx)) {
+            match ready!(http_body::Body::poll_frame(
+                Pin::new(this.body.get_mut()),
+                cx
+            )) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => this.received.push(data),
-                    Err(frame) => {
+                    // A request's trailers (if a client sends any) carry no status.
+                    Err(frame) if this.ends_with_status => {
                         if let Ok(trailers) = frame.into_trailers() {
                             this.ended = Some(status_of(&trailers));
                         }
                     }
+                    Err(_) => {}
                 },
                 Some(Err(e)) => this.ended = Some(Err(e)),
-                None if this.ended.is_none() => {
+                // (`ended` was taken above: nothing said how the call ended.) Unlike tonic's,
+                // an answer without trailers is an error: the agent always sends them.
+                None => {
                     this.ended = Some(match this.ends_with_status {
                         true => Err(Status::internal("the answer ended without a status")),
                         false => Ok(()),
                     });
                 }
-                None => {}
             }
         }
     }
@@ -651,14 +724,6 @@ mod tests {
         encode(request, usize::MAX >> 1, &mut out).unwrap();
         let pieces = out.len();
         (out.into_iter().flatten().collect(), pieces)
-    }
-
-    fn prost_framed(request: &pb::UploadRequest) -> Vec<u8> {
-        let body = request.encode_to_vec();
-        let mut framed = vec![0];
-        framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        framed.extend_from_slice(&body);
-        framed
     }
 
     fn frames(parts: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>) -> pb::UploadRequest {
@@ -692,7 +757,7 @@ mod tests {
             )
         ) {
             let request = frames(parts);
-            prop_assert_eq!(joined(request.clone()).0, prost_framed(&request));
+            prop_assert_eq!(joined(request.clone()).0, framed(&request));
         }
     }
 
@@ -740,10 +805,10 @@ mod tests {
             }),
         ] {
             let request = pb::UploadRequest { step: Some(step) };
-            assert_eq!(joined(request.clone()), (prost_framed(&request), 1));
+            assert_eq!(joined(request.clone()), (framed(&request), 1));
         }
         let empty = pb::UploadRequest { step: None };
-        assert_eq!(joined(empty.clone()).0, prost_framed(&empty));
+        assert_eq!(joined(empty.clone()).0, framed(&empty));
     }
 
     fn framed<M: Message>(message: &M) -> Vec<u8> {
@@ -912,6 +977,49 @@ mod tests {
                 .unwrap(),
             frames
         );
+    }
+
+    #[test]
+    fn tiny_pieces_are_held_together() {
+        let frames = pb::Frames {
+            frames: vec![a_frame(CHAIN_AT * 3)],
+        };
+        let bytes = framed(&frames);
+        let mut received = Segments::default();
+        for byte in &bytes {
+            received.push(Bytes::copy_from_slice(&[*byte]));
+        }
+        assert!(
+            received.parts.len() <= bytes.len() / CHAIN_AT + 1,
+            "{}",
+            received.parts.len()
+        );
+        assert_eq!(
+            next_decoded::<pb::Frames>(&mut received, 1 << 24)
+                .unwrap()
+                .unwrap(),
+            frames
+        );
+    }
+
+    #[tokio::test]
+    async fn without_the_wrapper_tonic_is_handed_the_messages() {
+        let frames = || {
+            Ok(pb::Frames {
+                frames: vec![a_frame(10)],
+            })
+        };
+        let response = unencoded(futures::stream::iter([frames(), frames()]));
+        assert_eq!(response.into_inner().collect::<Vec<_>>().await.len(), 2);
+
+        // Taken by the wrapper: tonic's stream is empty (and is dropped unpolled anyway).
+        let mut response = unencoded(futures::stream::iter([frames()]));
+        let slot = response
+            .extensions_mut()
+            .remove::<Slot<ResponseStream<pb::Frames>>>()
+            .unwrap();
+        assert!(slot.take().is_some());
+        assert!(response.into_inner().collect::<Vec<_>>().await.is_empty());
     }
 
     #[test]

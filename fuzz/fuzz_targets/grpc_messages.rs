@@ -1,7 +1,8 @@
-//! The client's gRPC message decoder (`agent/src/wire.rs`), which takes chunk payloads out of
-//! the received buffers without copying: bytes received in arbitrary pieces decode to the same
-//! messages, and fail at the same message, as the whole bytes decoded from a slice. The first
-//! byte says how many of the following bytes say where the pieces are cut.
+//! The gRPC message decoder of `agent/src/wire.rs` (a client's answers, an agent's Upload
+//! requests), which takes chunk payloads out of the received buffers without copying: bytes
+//! received in arbitrary pieces decode to the same messages, and fail at the same message, as
+//! the whole bytes decoded from a slice. The first byte says how many of the following bytes
+//! say where the pieces are cut.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
