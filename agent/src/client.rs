@@ -939,7 +939,7 @@ const BATCH_BYTES: usize = 8 << 20;
 /// length and what [`digest`] made of it. Three threads share the work: this one reads and
 /// cuts, one computes chunk ids and fills batches, one hashes the whole content when `gate`
 /// says the claim is needed.
-fn cut<R: Read>(
+fn cut<R: Read + Send + 'static>(
     reader: R,
     params: ChunkerParams,
     batches: mpsc::Sender<Result<Batch>>,
@@ -959,7 +959,7 @@ fn cut<R: Read>(
     };
     let mut length = 0u64;
     let mut result = Ok(());
-    for chunk in Chunker::new(reader, params) {
+    for chunk in Chunker::reading_ahead(reader, params) {
         let chunk = match chunk {
             Ok(chunk) => chunk,
             Err(e) => {

@@ -463,7 +463,7 @@ impl<S: ChunkStore> Cas<S> {
             hasher.finish()
         });
         let cutter = tokio::task::spawn_blocking(move || {
-            for chunk in Chunker::new(reader, params) {
+            for chunk in Chunker::reading_ahead(reader, params) {
                 let chunk = chunk.map_err(Error::Input)?;
                 if let Some(copy) = copy.as_mut() {
                     copy.write_all(&chunk).map_err(Error::Output)?;

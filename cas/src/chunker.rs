@@ -89,77 +89,168 @@ const MAX_SPARE_BLOCKS: usize = 4;
 /// Reads in large blocks and hands out each chunk as a [`Bytes`] view of its block, so the only
 /// copy is the tail carried over when a new block starts. A block is read with
 /// [`Read::read_to_end`] into a `Vec`'s spare capacity, which readers such as [`std::fs::File`]
-/// fill without zeroing it first. Memory held is the current block, up to four spare blocks,
-/// and whatever chunks the caller still holds.
+/// fill without zeroing it first. Each block's buffer keeps room at its front for the tail, so
+/// that the next block can be read before the tail is known: [`Chunker::reading_ahead`] reads
+/// it on a thread of its own while this one cuts. Memory held is the current block, up to four
+/// spare blocks (two more when reading ahead), and whatever chunks the caller still holds.
 #[derive(Debug)]
 pub struct Chunker<R> {
-    reader: R,
+    source: Source<R>,
     params: ChunkerParams,
     masks: (u64, u64),
-    /// The block being cut; bytes from `pos` on have not been handed out yet.
+    /// The block being cut, a view of its buffer past the unused part of the room in front;
+    /// bytes from `pos` on have not been handed out yet.
     block: Bytes,
     pos: usize,
-    block_len: usize,
-    /// Earlier blocks, reused once every chunk cut from them has been dropped.
+    /// The whole buffer `block` is a view of.
+    buffer: Bytes,
+    layout: Layout,
+    /// Earlier buffers, reused once every chunk cut from them has been dropped.
     spares: std::collections::VecDeque<Bytes>,
     eof: bool,
+}
+
+/// Where blocks come from.
+#[derive(Debug)]
+enum Source<R> {
+    /// Read on the cutting thread.
+    Inline(R),
+    /// Read by a thread of its own, one block ahead; empty buffers go back to it for reuse.
+    Ahead {
+        filled: std::sync::mpsc::Receiver<std::io::Result<(Vec<u8>, bool)>>,
+        empties: std::sync::mpsc::SyncSender<Vec<u8>>,
+    },
+}
+
+/// A block buffer: `room` bytes for the tail carried over (less than one maximum chunk), then
+/// up to `read` bytes read.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    room: usize,
+    read: usize,
+}
+
+impl Layout {
+    fn of(params: ChunkerParams) -> Self {
+        let max = params.max() as usize;
+        Self {
+            room: max,
+            read: (max * 2).max(4 << 20),
+        }
+    }
+
+    /// `buffer` (a fresh or a reused one) with its room in place and nothing read yet.
+    fn reset(self, mut buffer: Vec<u8>) -> Vec<u8> {
+        if buffer.len() >= self.room {
+            buffer.truncate(self.room);
+        } else {
+            buffer.reserve(self.room + self.read);
+            buffer.resize(self.room, 0);
+        }
+        buffer
+    }
+
+    /// Reads the next block's bytes into `buffer` (as [`Layout::reset`] left it); returns it and
+    /// whether the input ended.
+    fn read_into(
+        self,
+        reader: &mut impl Read,
+        buffer: Vec<u8>,
+    ) -> std::io::Result<(Vec<u8>, bool)> {
+        let mut buffer = self.reset(buffer);
+        let read = reader.take(self.read as u64).read_to_end(&mut buffer)?;
+        Ok((buffer, read < self.read))
+    }
 }
 
 impl<R: Read> Chunker<R> {
     /// A chunker over `reader`.
     pub fn new(reader: R, params: ChunkerParams) -> Self {
-        let masks = v2020::select_masks(params.avg() as usize, NORMALIZATION);
-        let block_len = (params.max() as usize * 2).max(4 << 20);
+        Self::with_source(Source::Inline(reader), params)
+    }
+
+    fn with_source(source: Source<R>, params: ChunkerParams) -> Self {
         Self {
-            reader,
+            source,
             params,
-            masks,
+            masks: v2020::select_masks(params.avg() as usize, NORMALIZATION),
             block: Bytes::new(),
             pos: 0,
-            block_len,
+            buffer: Bytes::new(),
+            layout: Layout::of(params),
             spares: std::collections::VecDeque::new(),
             eof: false,
         }
     }
 
-    /// An empty buffer for the next block: a recycled one whose chunks have all been dropped
-    /// when there is one, else a new allocation. Recycling matters: a new multi-MiB block every
-    /// few MiB of input cost page faults worth ~5% of ingest CPU.
-    fn empty_block(&mut self) -> Vec<u8> {
+    /// A buffer whose chunks have all been dropped, if a spare is one. Recycling matters: a
+    /// new multi-MiB block every few MiB of input cost page faults worth ~5% of ingest CPU.
+    fn spare(&mut self) -> Option<Vec<u8>> {
         for _ in 0..self.spares.len() {
-            let spare = self.spares.pop_front().expect("counted");
-            // Succeeds only when no chunk cut from that block is alive any more.
+            let spare = self.spares.pop_front()?;
+            // Succeeds only when no chunk cut from that buffer is alive any more.
             match spare.try_into_mut() {
-                Ok(mut block) => {
-                    block.clear();
-                    let block = Vec::from(block);
-                    if block.capacity() >= self.block_len {
-                        return block;
-                    }
-                }
+                Ok(buffer) => return Some(Vec::from(buffer)),
                 Err(spare) => self.spares.push_back(spare),
             }
         }
-        Vec::with_capacity(self.block_len)
+        None
     }
 
-    /// Unless a whole maximum-size chunk is buffered or the input has ended, moves the uncut
-    /// tail into a new block and reads until that block is full or the input ends.
+    /// Unless a whole maximum-size chunk is buffered or the input has ended, takes the next
+    /// block and moves the uncut tail into the room in front of it.
     fn fill(&mut self) -> std::io::Result<()> {
         if self.eof || self.block.len() - self.pos >= self.params.max() as usize {
             return Ok(());
         }
-        let mut next = self.empty_block();
-        next.extend_from_slice(&self.block[self.pos..]);
-        let room = (self.block_len - next.len()) as u64;
-        let read = (&mut self.reader).take(room).read_to_end(&mut next)?;
-        self.eof = (read as u64) < room;
-        let old = std::mem::replace(&mut self.block, Bytes::from(next));
+        let spare = self.spare();
+        let layout = self.layout;
+        let (mut next, eof) = match &mut self.source {
+            Source::Inline(reader) => layout.read_into(reader, spare.unwrap_or_default())?,
+            Source::Ahead { filled, empties } => {
+                if let Some(spare) = spare {
+                    let _ = empties.try_send(spare); // the reader has enough when full
+                }
+                filled.recv().map_err(|_| {
+                    std::io::Error::other("the reading thread stopped after an error")
+                })??
+            }
+        };
+        let tail = &self.block[self.pos..];
+        let start = layout.room - tail.len();
+        next[start..layout.room].copy_from_slice(tail);
+        self.eof = eof;
+        let buffer = Bytes::from(next);
+        self.block = buffer.slice(start..);
         self.pos = 0;
-        if self.spares.len() < MAX_SPARE_BLOCKS {
+        let old = std::mem::replace(&mut self.buffer, buffer);
+        if self.spares.len() < MAX_SPARE_BLOCKS && !old.is_empty() {
             self.spares.push_back(old);
         }
         Ok(())
+    }
+}
+
+impl<R: Read + Send + 'static> Chunker<R> {
+    /// A chunker over `reader` that reads on a thread of its own, one block ahead of the
+    /// cutting: reading a file from the page cache is a copy that then runs beside FastCDC
+    /// instead of before it. The thread ends when the input does, on a read error (which the
+    /// chunker then returns), or soon after the chunker is dropped.
+    pub fn reading_ahead(mut reader: R, params: ChunkerParams) -> Self {
+        let layout = Layout::of(params);
+        let (filled_tx, filled) = std::sync::mpsc::sync_channel(1);
+        let (empties, empties_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        std::thread::spawn(move || {
+            loop {
+                let buffer = empties_rx.try_recv().unwrap_or_default();
+                let read = layout.read_into(&mut reader, buffer);
+                let last = !matches!(read, Ok((_, false)));
+                if filled_tx.send(read).is_err() || last {
+                    return;
+                }
+            }
+        });
+        Self::with_source(Source::Ahead { filled, empties }, params)
     }
 }
 
@@ -257,6 +348,76 @@ mod tests {
             }
         }
         assert_eq!(offset, data.len());
+    }
+
+    /// Reads `data` in at most 7-byte pieces, then fails with `error` if given.
+    struct OwnedTrickle {
+        data: std::io::Cursor<Vec<u8>>,
+        error: Option<std::io::ErrorKind>,
+    }
+    impl Read for OwnedTrickle {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(7);
+            match self.data.read(&mut out[..n])? {
+                0 => match self.error.take() {
+                    Some(kind) => Err(std::io::Error::new(kind, "the disk went away")),
+                    None => Ok(0),
+                },
+                n => Ok(n),
+            }
+        }
+    }
+
+    #[test]
+    fn reading_ahead_gives_the_same_chunks() {
+        let params = ChunkerParams::new(64 * 1024).unwrap();
+        for len in [0, 1, 100_000, 13 << 20] {
+            let data: Vec<u8> = (0..len as u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+                .collect();
+            let ahead: Vec<Bytes> =
+                Chunker::reading_ahead(std::io::Cursor::new(data.clone()), params)
+                    .map(Result::unwrap)
+                    .collect();
+            assert_eq!(
+                ahead.iter().map(Bytes::len).collect::<Vec<_>>(),
+                params.chunk_lengths(&data)
+            );
+            assert_eq!(ahead.concat(), data);
+        }
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+            .collect();
+        let trickled: Vec<Bytes> = Chunker::reading_ahead(
+            OwnedTrickle {
+                data: std::io::Cursor::new(data.clone()),
+                error: None,
+            },
+            ChunkerParams::new(1024).unwrap(),
+        )
+        .map(Result::unwrap)
+        .collect();
+        assert_eq!(trickled.concat(), data);
+    }
+
+    #[test]
+    fn a_read_error_ends_the_chunks_with_it() {
+        for ahead in [false, true] {
+            let reader = OwnedTrickle {
+                data: std::io::Cursor::new(vec![9; 50_000]),
+                error: Some(std::io::ErrorKind::BrokenPipe),
+            };
+            let params = ChunkerParams::new(1024).unwrap();
+            let mut chunks: Box<dyn Iterator<Item = std::io::Result<Bytes>>> = if ahead {
+                Box::new(Chunker::reading_ahead(reader, params))
+            } else {
+                Box::new(Chunker::new(reader, params))
+            };
+            let err = chunks
+                .find_map(Result::err)
+                .expect("the error comes through");
+            assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "ahead: {ahead}");
+        }
     }
 
     #[test]
