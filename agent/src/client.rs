@@ -745,7 +745,7 @@ impl Remote {
         let mut stream = self
             .conn
             .frames_call::<pb::DownloadResponse>(
-                "/sloth.artifacts.v1.Artifacts/Download",
+                crate::wire::DOWNLOAD_PATH,
                 &convert::selector(selector),
             )
             .await?;
@@ -936,9 +936,9 @@ struct Batch {
 const BATCH_BYTES: usize = 8 << 20;
 
 /// Cuts `reader` into chunks and sends them in batches with their ids; returns the content's
-/// length and what [`digest`] made of it. Three threads share the work: this one reads and
-/// cuts, one computes chunk ids and fills batches, one hashes the whole content when `gate`
-/// says the claim is needed.
+/// length and what [`digest`] made of it. Four threads share the work: the chunker's own reads
+/// ahead, this one cuts, one computes chunk ids and fills batches, one hashes the whole content
+/// when `gate` says the claim is needed.
 fn cut<R: Read + Send + 'static>(
     reader: R,
     params: ChunkerParams,
@@ -1258,7 +1258,7 @@ async fn fetch(source: &Connection, batch: &Batch, missing: &[u32]) -> Result<Ve
         .collect();
     let mut stream = source
         .frames_call::<pb::Frames>(
-            "/sloth.artifacts.v1.Artifacts/GetChunks",
+            crate::wire::GET_CHUNKS_PATH,
             &pb::GetChunksRequest { ids: ids.clone() },
         )
         .await?;

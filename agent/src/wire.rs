@@ -40,6 +40,9 @@ use tower::Service;
 const CHAIN_AT: usize = 4 << 10;
 
 const UPLOAD_PATH: &str = "/sloth.artifacts.v1.Artifacts/Upload";
+/// The method paths of the server-streaming calls the client makes here.
+pub(crate) const DOWNLOAD_PATH: &str = "/sloth.artifacts.v1.Artifacts/Download";
+pub(crate) const GET_CHUNKS_PATH: &str = "/sloth.artifacts.v1.Artifacts/GetChunks";
 
 /// A message that may hold a `Frames`: in a oneof, or as the whole message.
 pub(crate) trait CarriesFrames: Message + Sized + 'static {
