@@ -186,19 +186,13 @@ impl Connection {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// The credentials as the headers of a call made without tonic's client.
+    /// The credentials as the headers of a call made without tonic's client: what the same
+    /// interceptor adds to every other call.
     fn call_headers(&self) -> Result<crate::wire::CallHeaders> {
-        let header = |value: &Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>| {
-            value
-                .as_ref()
-                .map(|v| http::HeaderValue::from_bytes(v.as_bytes()))
-                .transpose()
-                .map_err(|e| Error::Config(format!("a credential is not a valid header: {e}")))
-        };
-        Ok([
-            ("authorization", header(&self.credentials.authorization)?),
-            (USER_HEADER, header(&self.credentials.user)?),
-        ])
+        let mut credentials = self.credentials.clone();
+        let request = tonic::service::Interceptor::call(&mut credentials, tonic::Request::new(()))
+            .map_err(|s| self.fail(s))?;
+        Ok(request.metadata().clone().into_headers())
     }
 
     /// Opens an `Upload` call sending what `requests` yields (see [`crate::wire`]).

@@ -75,8 +75,9 @@ impl CarriesFrames for pb::Frames {
     }
 }
 
-/// The headers every call carries besides gRPC's own: the bearer token and the user name.
-pub(crate) type CallHeaders = [(&'static str, Option<http::HeaderValue>); 2];
+/// The headers every call carries besides gRPC's own: what the client's credentials
+/// interceptor adds (the bearer token and the user name).
+pub(crate) type CallHeaders = http::HeaderMap;
 
 /// Opens an `Upload` call on `channel` sending what `requests` yields, each message at most
 /// `max_message` bytes encoded (and so each answer).
@@ -136,11 +137,7 @@ where
         .header("grpc-timeout", format!("{}S", timeout.as_secs().max(1)))
         .body(tonic::body::Body::new(body))
         .map_err(|e| Status::internal(format!("building a request: {e}")))?;
-    for (name, value) in headers {
-        if let Some(value) = value {
-            request.headers_mut().insert(name, value);
-        }
-    }
+    request.headers_mut().extend(headers);
     let mut channel = channel.clone();
     std::future::poll_fn(|cx| channel.poll_ready(cx))
         .await
