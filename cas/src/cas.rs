@@ -13,7 +13,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::chunker::Chunker;
-use crate::manifest::{ChunkRef, ContentCheck, ContentHasher};
+use crate::manifest::{ChunkRef, ContentCheck, ContentDigests};
 use crate::pack::PackStore;
 use crate::pool::CpuPool;
 use crate::sink::ContentSink;
@@ -406,9 +406,10 @@ impl<S: ChunkStore> Cas<S> {
 
     /// Chunks and stores everything `reader` yields, without making it visible.
     ///
-    /// Runs as a pipeline: one blocking thread reads, cuts chunks and computes the whole-content
-    /// digests while up to `concurrency` chunks are hashed, looked up and (when new) compressed
-    /// and stored on the blocking pool. Only chunks the store lacks are compressed and written.
+    /// Runs as a pipeline: a thread reads one block ahead, another cuts chunks and computes the
+    /// whole-content BLAKE3, a third the whole-content SHA-256, while up to `concurrency` chunks
+    /// are hashed, looked up and (when new) compressed on the CPU pool and stored. Only chunks
+    /// the store lacks are compressed and written.
     pub async fn ingest_reader<R: Read + Send + 'static>(&self, reader: R) -> Result<Staged> {
         self.ingest_reader_with(reader, IngestOptions::default())
             .await
@@ -451,28 +452,33 @@ impl<S: ChunkStore> Cas<S> {
         let level = options.compress.then_some(self.inner.config.zstd_level);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.inner.config.concurrency);
         let params = self.inner.params;
-        // The whole-content digests run on their own thread: on the cutter they would be the
-        // serial bottleneck of the pipeline (SHA-256 is slower than FastCDC here).
+        // The whole-content SHA-256 runs on a thread of its own: on the cutter it would make
+        // that the serial bottleneck of the pipeline (SHA-256 is slower than FastCDC). The
+        // whole-content BLAKE3 (a quarter of SHA-256's cost) stays on the cutter, so neither
+        // thread carries both: on a re-ingest, where nothing is compressed, the longer of the
+        // two is the pipeline's critical path.
         let (digest_tx, digest_rx) =
             std::sync::mpsc::sync_channel::<Bytes>(self.inner.config.concurrency);
         let digester = tokio::task::spawn_blocking(move || {
-            let mut hasher = ContentHasher::default();
+            let mut check = ContentCheck::default();
             for chunk in digest_rx {
-                hasher.update(&chunk);
+                check.update(&chunk);
             }
-            hasher.finish()
+            check.sha256()
         });
         let cutter = tokio::task::spawn_blocking(move || {
+            let mut blake3 = blake3::Hasher::new();
             for chunk in Chunker::reading_ahead(reader, params) {
                 let chunk = chunk.map_err(Error::Input)?;
                 if let Some(copy) = copy.as_mut() {
                     copy.write_all(&chunk).map_err(Error::Output)?;
                 }
+                blake3.update(&chunk);
                 if digest_tx.send(chunk.clone()).is_err() || tx.blocking_send(chunk).is_err() {
                     break; // a consumer failed and reports why
                 }
             }
-            Ok::<_, Error>(())
+            Ok::<_, Error>(*blake3.finalize().as_bytes())
         });
         let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let stored: Result<Vec<_>> = chunks
@@ -481,8 +487,11 @@ impl<S: ChunkStore> Cas<S> {
             .try_collect()
             .await;
         // The cutter's error (a failed read) explains a short stream better than anything else.
-        cutter.await??;
-        let digests = digester.await?;
+        let blake3 = cutter.await??;
+        let digests = ContentDigests {
+            blake3,
+            sha256: digester.await?,
+        };
         let stored = stored?;
         self.inner.chunks.sync().await?;
 
