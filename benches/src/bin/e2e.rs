@@ -21,6 +21,9 @@ use anyhow::{Context, Result, bail};
 use sloth_benches::{cpu_times, du_sb, ensure_text_tar, mb_per_s, median, warm, write_random_file};
 use sloth_cas::{Cas, CasConfig, ChunkerParams};
 
+const USAGE: &str = "usage: e2e [--quick] [--rounds N] [--random-mib N] [--text FILE] \
+                     [--avg BYTES] [--work DIR] [--only-file FILE]";
+
 struct Args {
     quick: bool,
     rounds: usize,
@@ -53,7 +56,11 @@ fn parse_args() -> Result<Args> {
             "--work" => args.work = value()?.into(),
             "--only-file" => args.only_file = Some(value()?.into()),
             "--bench" => {} // passed by `cargo bench`
-            other => bail!("unknown argument {other}"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
     if args.quick {
