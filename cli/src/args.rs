@@ -13,7 +13,13 @@ times are UTC, printed as YYYY-MM-DD HH:MM:SS.";
 pub(crate) struct Cli {
     /// Data directory of the embedded store (agent `local`). Default: /var/lib/sloth-runner
     /// as root, else $XDG_DATA_HOME/sloth-runner or ~/.local/share/sloth-runner.
-    #[arg(long, global = true, env = "SLOTH_RUNNER_DATA_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "SLOTH_RUNNER_DATA_DIR",
+        value_name = "DIR",
+        help_heading = GLOBAL
+    )]
     pub(crate) data_dir: Option<PathBuf>,
 
     #[command(flatten)]
@@ -23,8 +29,12 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+/// Heading of the options every command takes, listed apart from the command's own.
+const GLOBAL: &str = "Global options";
+
 /// How to reach agents and the master.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = GLOBAL)]
 pub(crate) struct NetArgs {
     /// The master that knows agents by name (host:port).
     #[arg(
@@ -55,6 +65,7 @@ pub(crate) struct NetArgs {
 
 /// TLS and token options of a server (agent or master).
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Listening and security")]
 pub(crate) struct ServeArgs {
     /// Address to listen on. Anything but loopback needs TLS or tokens, or --insecure.
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]

@@ -1242,6 +1242,29 @@ fn help_states_units_and_time_zone() {
     }
 }
 
+#[test]
+fn help_lists_a_commands_own_options_before_the_global_ones() {
+    let s = Sloth::new();
+    let out = s.ok(&["agent", "start", "--help"]);
+    let at = |text: &str| {
+        out.find(text)
+            .unwrap_or_else(|| panic!("{text:?} missing: {out}"))
+    };
+    let (own, serving, global) = (
+        at("--heartbeat <SECS>"),
+        at("Listening and security:"),
+        at("Global options:"),
+    );
+    assert!(own < serving && serving < global, "{out}");
+    assert!(
+        serving < at("--tls-cert <FILE>") && at("--tls-key <FILE>") < global,
+        "{out}"
+    );
+    for flag in ["--data-dir <DIR>", "--master <ADDR>", "--client-key <FILE>"] {
+        assert!(at(flag) > global, "{flag} under Global options: {out}");
+    }
+}
+
 fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self")
