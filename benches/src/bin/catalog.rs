@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use sloth_engine::{ArtifactKey, Engine, EngineConfig, ListQuery, Selector};
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -20,20 +21,20 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// Catalog latency with many artifact versions.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Artifact versions in the catalog (made once, kept in --work).
+    #[arg(long, default_value_t = 100_000)]
+    versions: u64,
+    /// Where the data directories go.
+    #[arg(long, value_name = "DIR", default_value_os_t = std::env::temp_dir().join("sloth-catalog"))]
+    work: PathBuf,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut versions = 100_000u64;
-    let mut work = std::env::temp_dir().join("sloth-catalog");
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--versions" => versions = value()?.parse()?,
-            "--work" => work = value()?.into(),
-            "--bench" => {}
-            other => bail!("unknown argument {other}"),
-        }
-    }
+    let Args { versions, work } = Args::parse();
     let data: PathBuf = work.join(format!("data-{versions}"));
     let config = EngineConfig {
         layout: false,

@@ -18,55 +18,35 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use sloth_benches::{cpu_times, du_sb, ensure_text_tar, mb_per_s, median, warm, write_random_file};
 use sloth_cas::{Cas, CasConfig, ChunkerParams};
 
-const USAGE: &str = "usage: e2e [--quick] [--rounds N] [--random-mib N] [--text FILE] \
-                     [--avg BYTES] [--work DIR] [--only-file FILE]";
-
+/// End-to-end ingest/read benchmark of the chunk store against `zstd -3 -T1`.
+#[derive(Debug, Parser)]
 struct Args {
+    /// A short run: at most 64 MiB of random data and a cut of the tar.
+    #[arg(long)]
     quick: bool,
-    rounds: usize,
+    /// Rounds of zstd, the store's three ingests, zstd.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// MiB of random data for the incompressible case.
+    #[arg(long, default_value_t = 1024)]
     random_mib: u64,
+    /// The compressible file (default: a tar of the system's docs and Python library, made
+    /// once in --work).
+    #[arg(long, value_name = "FILE")]
     text: Option<PathBuf>,
+    /// Average chunk size in bytes (default: the store's).
+    #[arg(long, value_name = "BYTES")]
     avg: Option<u32>,
+    /// Where inputs and stores go.
+    #[arg(long, value_name = "DIR", default_value_os_t = std::env::temp_dir().join("sloth-e2e"))]
     work: PathBuf,
+    /// Ingest and read back just this file (for `time -v` peak-RSS runs).
+    #[arg(long, value_name = "FILE")]
     only_file: Option<PathBuf>,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut args = Args {
-        quick: false,
-        rounds: 5,
-        random_mib: 1024,
-        text: None,
-        avg: None,
-        work: std::env::temp_dir().join("sloth-e2e"),
-        only_file: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--quick" => args.quick = true,
-            "--rounds" => args.rounds = value()?.parse::<usize>()?.max(1),
-            "--random-mib" => args.random_mib = value()?.parse()?,
-            "--text" => args.text = Some(value()?.into()),
-            "--avg" => args.avg = Some(value()?.parse()?),
-            "--work" => args.work = value()?.into(),
-            "--only-file" => args.only_file = Some(value()?.into()),
-            "--bench" => {} // passed by `cargo bench`
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
-    if args.quick {
-        args.random_mib = args.random_mib.min(64);
-    }
-    Ok(args)
 }
 
 struct Run {
@@ -337,7 +317,10 @@ fn summary(rounds: &[Round], len: u64, quick: bool) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = parse_args()?;
+    let mut args = Args::parse();
+    if args.quick {
+        args.random_mib = args.random_mib.min(64);
+    }
     std::fs::create_dir_all(&args.work)?;
     let cfg = config(args.avg)?;
     let avg = cfg.chunker.unwrap_or_default().avg();

@@ -8,43 +8,43 @@
 //! ```
 //! `--recompress LEVEL` adds a column: the store after a `Cas::recompress(LEVEL)` pass over all
 //! three versions (cold data recompressed at a higher level).
-//! ```text
-//! ```
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use clap::Parser;
 use sloth_benches::{du_sb, mb_per_s};
 use sloth_cas::{Cas, CasConfig, ChunkerParams};
 
+/// Storage efficiency on a version series.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The folder with v1.tar, v2.tar and v3.tar.
+    series: PathBuf,
+    /// Average chunk sizes to try, in bytes.
+    #[arg(long, value_delimiter = ',', default_values_t = [64 << 10, 128 << 10, 256 << 10, 512 << 10])]
+    avg: Vec<u32>,
+    /// zstd level of the stores.
+    #[arg(long, default_value_t = 3)]
+    level: i32,
+    /// Also report each store after recompressing everything at this level.
+    #[arg(long, value_name = "LEVEL")]
+    recompress: Option<i32>,
+    /// Where the stores go.
+    #[arg(long, value_name = "DIR", default_value_os_t = std::env::temp_dir().join("sloth-efficiency"))]
+    work: PathBuf,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mut series: Option<PathBuf> = None;
-    let mut avgs = vec![64 << 10, 128 << 10, 256 << 10, 512 << 10];
-    let mut level = 3;
-    let mut recompress: Option<i32> = None;
-    let mut work = std::env::temp_dir().join("sloth-efficiency");
-    while let Some(a) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--avg" => {
-                avgs = value()?
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()?
-            }
-            "--level" => level = value()?.parse()?,
-            "--recompress" => recompress = Some(value()?.parse()?),
-            "--work" => work = value()?.into(),
-            "--bench" => {}
-            other if series.is_none() && !other.starts_with('-') => series = Some(other.into()),
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    let series =
-        series.context("usage: efficiency SERIES_DIR [--avg N,N] [--level L] [--work DIR]")?;
+    let Args {
+        series,
+        avg: avgs,
+        level,
+        recompress,
+        work,
+    } = Args::parse();
     let versions: Vec<PathBuf> = ["v1.tar", "v2.tar", "v3.tar"]
         .iter()
         .map(|v| series.join(v))

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use sloth_agent::client::{Link, PolicySource, Remote};
 use sloth_benches::InProcessAgent;
 use sloth_engine::{ArtifactKey, ListQuery, Selector};
@@ -190,19 +191,26 @@ async fn janitor(link: Link, until: Instant, stats: Arc<Mutex<Stats>>) -> Result
     Ok(runs)
 }
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+/// Many clients against one agent with cleanup running.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    clients: u64,
+    /// How long the clients run.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Where the agent's data and the downloads go (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let clients: usize = arg(&args, "--clients").map_or(Ok(32), |v| v.parse())?;
-    let seconds: u64 = arg(&args, "--seconds").map_or(Ok(20), |v| v.parse())?;
+    let args = Args::parse();
+    let (clients, seconds) = (args.clients as usize, args.seconds);
     let scratch = tempfile::tempdir()?;
-    let work = arg(&args, "--work").map_or_else(|| scratch.path().to_path_buf(), PathBuf::from);
+    let work = args.work.unwrap_or_else(|| scratch.path().to_path_buf());
     std::fs::create_dir_all(work.join("downloads"))?;
 
     let agent = InProcessAgent::start(&work.join("agent"), "load-agent").await?;

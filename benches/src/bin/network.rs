@@ -23,7 +23,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
+use clap::Parser;
 use sloth_benches::{InProcessAgent, median};
 use sloth_engine::{ArtifactKey, Engine, EngineConfig, Selector};
 
@@ -80,26 +81,35 @@ fn write_random(path: &Path, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Upload and download over loopback against the embedded store.
+#[derive(Debug, Parser)]
+struct Args {
+    /// MiB of random data to move (made once in --work).
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Move this file instead.
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Where inputs and stores go.
+    #[arg(long, value_name = "DIR", default_value_os_t = std::env::temp_dir().join("sloth-network"))]
+    work: PathBuf,
+    /// Rounds of every phase, alternating whether local or remote goes first.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// Run one remote phase alone, for profiling.
+    #[arg(long, value_name = "PHASE", value_parser = ["upload", "reupload", "download"])]
+    only: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut size_mib = 1024u64;
-    let mut file: Option<PathBuf> = None;
-    let mut work = std::env::temp_dir().join("sloth-network");
-    let mut only: Option<String> = None;
-    let mut rounds = 6;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--size-mib" => size_mib = value()?.parse()?,
-            "--file" => file = Some(value()?.into()),
-            "--work" => work = value()?.into(),
-            "--rounds" => rounds = value()?.parse::<usize>()?.max(1),
-            "--only" => only = Some(value()?),
-            "--bench" => {}
-            other => bail!("unknown argument {other}"),
-        }
-    }
+    let Args {
+        size_mib,
+        file,
+        work,
+        rounds,
+        only,
+    } = Args::parse();
     std::fs::create_dir_all(&work)?;
     let input = match file {
         Some(path) => path,
@@ -329,9 +339,6 @@ fn print_ratios(&[up, down, reup]: &[f64; 3]) {
 /// One remote phase alone, for profiling: `upload`; or `reupload` / `download` after an
 /// unmeasured upload and a pause of 3 s in which a profiler can attach (`perf record -p PID`).
 async fn remote_only(input: &Path, work: &Path, key: &ArtifactKey, phase: &str) -> Result<()> {
-    if !["upload", "reupload", "download"].contains(&phase) {
-        bail!("--only takes upload, reupload or download, not '{phase}'");
-    }
     let agent_dir = tempfile::tempdir_in(work)?;
     let agent = InProcessAgent::start(agent_dir.path(), "bench-agent").await?;
     let remote = agent.connect().await?;

@@ -12,26 +12,32 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use clap::Parser;
 use sloth_engine::{CleanupRequest, Engine, EngineConfig};
 use sloth_policies::{Action, Artifact, Limits, PolicyHost, builtin};
 
+/// Retention policies over a large catalog.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Artifact versions in the catalog.
+    #[arg(long, default_value_t = 100_000)]
+    versions: usize,
+    /// A catalog's data directory to use (made once when missing).
+    #[arg(long, value_name = "DIR")]
+    catalog: Option<std::path::PathBuf>,
+    /// A policy module (.wasm) to run instead of the built-in keep-last.
+    #[arg(long, value_name = "FILE")]
+    module: Option<std::path::PathBuf>,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut versions = 100_000usize;
-    let mut catalog = None;
-    let mut module_file: Option<std::path::PathBuf> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--versions" => versions = value()?.parse()?,
-            "--catalog" => catalog = Some(std::path::PathBuf::from(value()?)),
-            "--module" => module_file = Some(value()?.into()),
-            "--bench" => {}
-            other => bail!("unknown argument {other}"),
-        }
-    }
+    let Args {
+        versions,
+        catalog,
+        module: module_file,
+    } = Args::parse();
     let host = Arc::new(PolicyHost::new(Limits::default())?);
     let owned = module_file.map(std::fs::read).transpose()?;
     let module = match &owned {
