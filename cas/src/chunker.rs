@@ -305,17 +305,6 @@ mod tests {
         assert!(c.next().is_none());
     }
 
-    /// A reader that hands out at most 7 bytes per call, to exercise refills.
-    struct Trickle<'a>(&'a [u8]);
-    impl Read for Trickle<'_> {
-        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-            let n = out.len().min(self.0.len()).min(7);
-            out[..n].copy_from_slice(&self.0[..n]);
-            self.0 = &self.0[n..];
-            Ok(n)
-        }
-    }
-
     /// Blocks are recycled only when no chunk of theirs is alive: chunks kept while later
     /// ones are cut must keep their bytes, and dropping them early must not change the cuts.
     #[test]
@@ -350,12 +339,21 @@ mod tests {
         assert_eq!(offset, data.len());
     }
 
-    /// Reads `data` in at most 7-byte pieces, then fails with `error` if given.
-    struct OwnedTrickle {
+    /// Reads `data` in at most 7-byte pieces (to exercise refills), then fails with `error`
+    /// if given.
+    struct Trickle {
         data: std::io::Cursor<Vec<u8>>,
         error: Option<std::io::ErrorKind>,
     }
-    impl Read for OwnedTrickle {
+    impl Trickle {
+        fn new(data: &[u8]) -> Self {
+            Self {
+                data: std::io::Cursor::new(data.to_vec()),
+                error: None,
+            }
+        }
+    }
+    impl Read for Trickle {
         fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
             let n = out.len().min(7);
             match self.data.read(&mut out[..n])? {
@@ -388,24 +386,19 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32)
             .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
             .collect();
-        let trickled: Vec<Bytes> = Chunker::reading_ahead(
-            OwnedTrickle {
-                data: std::io::Cursor::new(data.clone()),
-                error: None,
-            },
-            ChunkerParams::new(1024).unwrap(),
-        )
-        .map(Result::unwrap)
-        .collect();
+        let trickled: Vec<Bytes> =
+            Chunker::reading_ahead(Trickle::new(&data), ChunkerParams::new(1024).unwrap())
+                .map(Result::unwrap)
+                .collect();
         assert_eq!(trickled.concat(), data);
     }
 
     #[test]
     fn a_read_error_ends_the_chunks_with_it() {
         for ahead in [false, true] {
-            let reader = OwnedTrickle {
-                data: std::io::Cursor::new(vec![9; 50_000]),
+            let reader = Trickle {
                 error: Some(std::io::ErrorKind::BrokenPipe),
+                ..Trickle::new(&[9; 50_000])
             };
             let params = ChunkerParams::new(1024).unwrap();
             let mut chunks: Box<dyn Iterator<Item = std::io::Result<Bytes>>> = if ahead {
@@ -429,7 +422,7 @@ mod tests {
         let a: Vec<Bytes> = Chunker::new(&data[..], params)
             .map(Result::unwrap)
             .collect();
-        let b: Vec<Bytes> = Chunker::new(Trickle(&data), params)
+        let b: Vec<Bytes> = Chunker::new(Trickle::new(&data), params)
             .map(Result::unwrap)
             .collect();
         assert_eq!(a, b);
