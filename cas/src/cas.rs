@@ -481,8 +481,9 @@ impl<S: ChunkStore> Cas<S> {
             Ok::<_, Error>(*blake3.finalize().as_bytes())
         });
         let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let claimed = std::sync::Mutex::new(HashSet::new());
         let stored: Result<Vec<_>> = chunks
-            .map(|chunk| store_chunk(Arc::clone(&self.inner), chunk, level))
+            .map(|chunk| store_chunk(Arc::clone(&self.inner), chunk, level, &claimed))
             .buffered(self.inner.config.concurrency)
             .try_collect()
             .await;
@@ -1016,12 +1017,19 @@ fn verify_whole(id: ManifestId, manifest: &Manifest, check: ContentCheck) -> Res
     Ok(len)
 }
 
-/// Hashes one chunk, leases it and stores it unless the store already has it. Returns the
-/// chunk's reference, its lease and, when it was new, the bytes its frame took.
+/// Hashes one chunk, leases it and stores it unless the store already has it or an earlier
+/// chunk of the same ingest (`claimed`) is storing it. Returns the chunk's reference, its
+/// lease and, when it was new, the bytes its frame took.
+///
+/// Skipping a repeat that is still in flight is safe because the ingest returns only after
+/// every one of its chunks is stored and synced, and fails as a whole if any is not. Without
+/// the claim, repeats inside the window of chunks in flight were all compressed (the store
+/// kept one) and all counted as new.
 async fn store_chunk<S: ChunkStore>(
     inner: Arc<Inner<S>>,
     chunk: Bytes,
     level: Option<i32>,
+    claimed: &std::sync::Mutex<HashSet<ChunkId>>,
 ) -> Result<(ChunkRef, Lease, Option<u64>)> {
     let (id, chunk) = inner
         .cpu
@@ -1032,7 +1040,8 @@ async fn store_chunk<S: ChunkStore>(
         id,
         len: chunk.len() as u32,
     };
-    if inner.chunks.has_many(&[id]).await?[0] {
+    let first = claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+    if !first || inner.chunks.has_many(&[id]).await?[0] {
         return Ok((chunk_ref, lease, None));
     }
     let frame = inner

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{random_bytes, read_all};
+use common::{random_bytes, read_all, small_chunks};
 use sloth_cas::{Cas, CasConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,4 +61,46 @@ async fn identical_content_shares_one_manifest() {
         cas.release(a).await,
         Err(sloth_cas::Error::ManifestNotFound(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_repeated_within_one_ingest_is_stored_once() {
+    // All-zero content never finds a cut point before the maximum chunk size, so every chunk
+    // is the same; a random block repeated resynchronises to the same chunks after its first
+    // cut. Both repeats sit well inside one ingest's window of chunks in flight.
+    let cas = Cas::temporary(small_chunks()).unwrap();
+    let max = cas.params().max() as usize;
+    let zeros = vec![0u8; 64 * max];
+    let block = random_bytes(7, 256 << 10);
+    let mut data = zeros.clone();
+    for _ in 0..16 {
+        data.extend_from_slice(&block);
+    }
+    let staged = cas.ingest_bytes(data.clone()).await.unwrap();
+    let stats = staged.stats();
+    let distinct: std::collections::HashSet<_> =
+        staged.manifest().chunks().iter().map(|c| c.id).collect();
+    let distinct_bytes: u64 = {
+        let mut seen = std::collections::HashSet::new();
+        staged
+            .manifest()
+            .chunks()
+            .iter()
+            .filter(|c| seen.insert(c.id))
+            .map(|c| u64::from(c.len))
+            .sum()
+    };
+    assert!(
+        distinct.len() < staged.manifest().chunks().len() / 2,
+        "the input must repeat chunks for this test to mean anything"
+    );
+    assert_eq!(stats.new_chunks, distinct.len() as u64);
+    assert_eq!(stats.new_bytes, distinct_bytes);
+    let id = cas.commit(staged).await.unwrap();
+    assert_eq!(
+        cas.stats().await.unwrap().stored_bytes,
+        stats.new_stored_bytes,
+        "stats must count exactly the frames written"
+    );
+    assert_eq!(read_all(&cas, id).await.unwrap(), data);
 }
