@@ -13,14 +13,16 @@
 //!
 //! `--only-file FILE` ingests and reads back just that file (for `time -v` peak-RSS runs).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use clap::Parser;
 use sloth_benches::{cpu_times, du_sb, ensure_text_tar, mb_per_s, median, warm, write_random_file};
-use sloth_cas::{Cas, CasConfig, ChunkerParams};
+use sloth_cas::{Cas, CasConfig, ChunkId, ChunkerParams, ContentHasher, frame};
 
 /// End-to-end ingest/read benchmark of the chunk store against `zstd -3 -T1`.
 #[derive(Debug, Parser)]
@@ -192,12 +194,79 @@ fn zstd_once(file: &Path) -> Result<Zstd> {
     })
 }
 
+/// The work a first ingest cannot skip, timed step by step on one thread over the file in
+/// memory, with the store's own functions: cut points, each chunk's id (BLAKE3), the
+/// whole-content BLAKE3 and SHA-256, each chunk's frame (zstd). Half its total is the fastest
+/// an ingest could be on two cores, were both always busy and each as fast as one alone.
+struct Required {
+    cut: Duration,
+    ids: Duration,
+    whole: Duration,
+    frames: Duration,
+}
+
+impl Required {
+    fn measure(data: &Bytes, params: ChunkerParams, level: i32) -> Self {
+        let start = Instant::now();
+        let lengths = params.chunk_lengths(data);
+        let cut = start.elapsed();
+        let mut chunks = Vec::with_capacity(lengths.len());
+        let mut at = 0;
+        for len in lengths {
+            chunks.push(data.slice(at..at + len));
+            at += len;
+        }
+        let start = Instant::now();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::digest(c)).collect();
+        let ids_took = start.elapsed();
+        let start = Instant::now();
+        let mut whole = ContentHasher::default();
+        whole.update(data);
+        std::hint::black_box(whole.finish());
+        let whole = start.elapsed();
+        let start = Instant::now();
+        let mut seen = HashSet::new();
+        for (chunk, id) in chunks.iter().zip(&ids) {
+            // As the ingest does: a chunk repeated in the content is compressed once.
+            if seen.insert(*id) {
+                std::hint::black_box(frame::encode(chunk, level));
+            }
+        }
+        let frames = start.elapsed();
+        Self {
+            cut,
+            ids: ids_took,
+            whole,
+            frames,
+        }
+    }
+
+    fn total(&self) -> Duration {
+        self.cut + self.ids + self.whole + self.frames
+    }
+
+    /// The same work on two threads at once, each over the whole file: how much slower each
+    /// core is while the other is busy too (on this VM the two are not independent). Returns
+    /// the mean of the two threads' totals.
+    fn measure_pair(data: &Bytes, params: ChunkerParams, level: i32) -> Duration {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| Self::measure(data, params, level).total());
+            let b = Self::measure(data, params, level).total();
+            (a.join().expect("no panic"), b)
+        });
+        (a + b) / 2
+    }
+}
+
 /// One round on the compressible file: zstd, the store's three ingests, zstd again.
 struct Round {
     /// zstd's throughput over the two runs around the store's (their mean time).
     zstd_mbs: f64,
     /// The faster of the two zstd runs.
     fastest: Zstd,
+    required: Required,
+    /// [`Required::measure_pair`] in this round.
+    required_pair: Duration,
     ingests: Ingests,
 }
 
@@ -305,8 +374,36 @@ fn summary(rounds: &[Round], len: u64, quick: bool) {
             .map(|r| r.ingests.first.ingest_cpu.as_secs_f64())
             .collect(),
     );
+    let required = median(
+        rounds
+            .iter()
+            .map(|r| r.required.total().as_secs_f64())
+            .collect(),
+    );
+    let required_bound = median(
+        rounds
+            .iter()
+            .map(|r| {
+                let zstd_took = len as f64 / 1e6 / r.zstd_mbs;
+                2.0 * zstd_took / r.required.total().as_secs_f64()
+            })
+            .collect(),
+    );
     println!(
         "  first ingest: median {cpu:.2} CPU-s; with both cores always busy, at most {bound:.2}x zstd (median of the rounds)"
+    );
+    let slowdown = median(
+        rounds
+            .iter()
+            .map(|r| r.required_pair.as_secs_f64() / r.required.total().as_secs_f64())
+            .collect(),
+    );
+    println!(
+        "  the required work alone: median {required:.2} s on one thread; on two cores always busy and each as fast as alone, at most {required_bound:.2}x zstd"
+    );
+    println!(
+        "  two copies of it at once take {slowdown:.2}x as long each: on two cores as fast as they are together, at most {:.2}x zstd",
+        required_bound / slowdown
     );
     println!(
         "  stored {:.3} of the input; zstd -3 of the whole file: {:.3}",
@@ -363,8 +460,12 @@ async fn main() -> Result<()> {
     warm(&text)?;
     let text_len = std::fs::metadata(&text)?.len();
     let mut rounds = Vec::new();
+    let text_bytes = Bytes::from(std::fs::read(&text)?);
     for round in 1..=args.rounds {
         let before = zstd_once(&text)?;
+        let params = cfg.chunker.unwrap_or_default();
+        let required = Required::measure(&text_bytes, params, cfg.zstd_level);
+        let required_pair = Required::measure_pair(&text_bytes, params, cfg.zstd_level);
         let ingests = first_and_again("compressible", &args.work, &text, &cfg).await?;
         let after = zstd_once(&text)?;
         let zstd_mbs = mb_per_s(2 * text_len, before.took + after.took);
@@ -376,6 +477,15 @@ async fn main() -> Result<()> {
             after.cpu.as_secs_f64(),
             text_len as f64 / (1u64 << 20) as f64,
         );
+        println!(
+            "round {round}: the required work on one thread {:.3} s (two copies at once: {:.3} s each): cut {:.3}, chunk ids {:.3}, whole-content BLAKE3 + SHA-256 {:.3}, frames {:.3}",
+            required.total().as_secs_f64(),
+            required_pair.as_secs_f64(),
+            required.cut.as_secs_f64(),
+            required.ids.as_secs_f64(),
+            required.whole.as_secs_f64(),
+            required.frames.as_secs_f64(),
+        );
         lines("compressible", &ingests, Some(zstd_mbs));
         let fastest = if before.took <= after.took {
             before
@@ -385,6 +495,8 @@ async fn main() -> Result<()> {
         rounds.push(Round {
             zstd_mbs,
             fastest,
+            required,
+            required_pair,
             ingests,
         });
     }
