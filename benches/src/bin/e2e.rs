@@ -10,6 +10,8 @@
 //! two, so every ratio compares the same minute of this shared machine, where the same zstd
 //! run takes anywhere from 0.8 to 2 s. The summary gives the median of each round's ratios,
 //! and also the ratios against the fastest zstd run of all (the most conservative reading).
+//! Each round also times the work a first ingest cannot skip ([`Required`]), alone and two
+//! copies at once, so the summary can say how far that work lets a first ingest go.
 //!
 //! `--only-file FILE` ingests and reads back just that file (for `time -v` peak-RSS runs).
 
