@@ -78,20 +78,15 @@ async fn a_chunk_repeated_within_one_ingest_is_stored_once() {
     }
     let staged = cas.ingest_bytes(data.clone()).await.unwrap();
     let stats = staged.stats();
-    let distinct: std::collections::HashSet<_> =
-        staged.manifest().chunks().iter().map(|c| c.id).collect();
-    let distinct_bytes: u64 = {
-        let mut seen = std::collections::HashSet::new();
-        staged
-            .manifest()
-            .chunks()
-            .iter()
-            .filter(|c| seen.insert(c.id))
-            .map(|c| u64::from(c.len))
-            .sum()
-    };
+    let chunks = staged.manifest().chunks();
+    let mut distinct = std::collections::HashSet::new();
+    let distinct_bytes: u64 = chunks
+        .iter()
+        .filter(|c| distinct.insert(c.id))
+        .map(|c| u64::from(c.len))
+        .sum();
     assert!(
-        distinct.len() < staged.manifest().chunks().len() / 2,
+        distinct.len() < chunks.len() / 2,
         "the input must repeat chunks for this test to mean anything"
     );
     assert_eq!(stats.new_chunks, distinct.len() as u64);
