@@ -359,17 +359,20 @@ fn summary(rounds: &[Round], len: u64, quick: bool) {
         ours(1) / best,
         ours(3) / best,
     );
-    // What the work itself allows: with both cores busy all the time, the ingest would take
-    // its CPU time / 2, against zstd's wall time in the same round.
-    let bound = median(
-        rounds
-            .iter()
-            .map(|r| {
-                let zstd_took = len as f64 / 1e6 / r.zstd_mbs;
-                2.0 * zstd_took / r.ingests.first.ingest_cpu.as_secs_f64()
-            })
-            .collect(),
-    );
+    // What `work` seconds of CPU per round allow: with both cores busy all the time, the
+    // ingest would take half of them, against zstd's wall time in the same round.
+    let bound_by = |work: &dyn Fn(&Round) -> Duration| {
+        median(
+            rounds
+                .iter()
+                .map(|r| {
+                    let zstd_took = len as f64 / 1e6 / r.zstd_mbs;
+                    2.0 * zstd_took / work(r).as_secs_f64()
+                })
+                .collect(),
+        )
+    };
+    let bound = bound_by(&|r| r.ingests.first.ingest_cpu);
     let cpu = median(
         rounds
             .iter()
@@ -385,15 +388,7 @@ fn summary(rounds: &[Round], len: u64, quick: bool) {
             .map(|r| r.required.total().as_secs_f64())
             .collect(),
     );
-    let required_bound = median(
-        rounds
-            .iter()
-            .map(|r| {
-                let zstd_took = len as f64 / 1e6 / r.zstd_mbs;
-                2.0 * zstd_took / r.required.total().as_secs_f64()
-            })
-            .collect(),
-    );
+    let required_bound = bound_by(&|r| r.required.total());
     let slowdown = median(
         rounds
             .iter()
