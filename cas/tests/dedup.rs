@@ -70,9 +70,8 @@ async fn a_chunk_repeated_within_one_ingest_is_stored_once() {
     // cut. Both repeats sit well inside one ingest's window of chunks in flight.
     let cas = Cas::temporary(small_chunks()).unwrap();
     let max = cas.params().max() as usize;
-    let zeros = vec![0u8; 64 * max];
     let block = random_bytes(7, 256 << 10);
-    let mut data = zeros.clone();
+    let mut data = vec![0u8; 64 * max];
     for _ in 0..16 {
         data.extend_from_slice(&block);
     }
