@@ -313,6 +313,19 @@ impl PackInner {
         Ok(file)
     }
 
+    /// Appends the frames not already stored (see [`ChunkStore::put_many`]).
+    fn put(&self, frames: Vec<(ChunkId, Frame)>) -> Result<()> {
+        let mut state = self.lock();
+        for (id, frame) in frames {
+            if self.contains(&state, &id)? {
+                continue;
+            }
+            let loc = self.append(&mut state, &id, frame.header(), frame.payload())?;
+            state.pending.insert(id, loc);
+        }
+        Ok(())
+    }
+
     /// Appends one record to the current pack (starting a new one when needed). Its frame is
     /// `head` followed by `body`: a frame's header and payload, or nothing and a whole frame.
     fn append(
@@ -590,18 +603,14 @@ impl ChunkStore for PackStore {
 
     async fn put_many(&self, frames: Vec<(ChunkId, Frame)>) -> Result<()> {
         let inner = Arc::clone(&self.inner);
-        blocking(move || {
-            let mut state = inner.lock();
-            for (id, frame) in frames {
-                if inner.contains(&state, &id)? {
-                    continue;
-                }
-                let loc = inner.append(&mut state, &id, frame.header(), frame.payload())?;
-                state.pending.insert(id, loc);
-            }
-            Ok(())
-        })
-        .await
+        blocking(move || inner.put(frames)).await
+    }
+
+    fn put_many_blocking(
+        &self,
+        frames: Vec<(ChunkId, Frame)>,
+    ) -> std::result::Result<Result<()>, Vec<(ChunkId, Frame)>> {
+        Ok(self.inner.put(frames))
     }
 
     async fn get(&self, id: ChunkId) -> Result<Option<Bytes>> {

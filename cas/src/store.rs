@@ -32,6 +32,18 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Stores frames. They need not be durable until [`ChunkStore::sync`] returns.
     fn put_many(&self, frames: Vec<(ChunkId, Frame)>) -> impl Future<Output = Result<()>> + Send;
 
+    /// Stores frames at once from a thread that may block (the store's CPU pool), for a store
+    /// whose writes are local and short (an append to a file), so that a frame is stored by
+    /// the thread that compressed it rather than after two more thread hand-offs. A store that
+    /// cannot (every write a network round trip) hands the frames back, and they go through
+    /// [`ChunkStore::put_many`]; that is the default.
+    fn put_many_blocking(
+        &self,
+        frames: Vec<(ChunkId, Frame)>,
+    ) -> std::result::Result<Result<()>, Vec<(ChunkId, Frame)>> {
+        Err(frames)
+    }
+
     /// The frame stored under `id`, if any.
     fn get(&self, id: ChunkId) -> impl Future<Output = Result<Option<Bytes>>> + Send;
 
