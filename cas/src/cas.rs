@@ -407,9 +407,9 @@ impl<S: ChunkStore> Cas<S> {
     /// Chunks and stores everything `reader` yields, without making it visible.
     ///
     /// Runs as a pipeline: a thread reads one block ahead, another cuts chunks and computes the
-    /// whole-content BLAKE3, a third the whole-content SHA-256, while up to `concurrency` chunks
-    /// are hashed, looked up and (when new) compressed on the CPU pool and stored. Only chunks
-    /// the store lacks are compressed and written.
+    /// whole-content BLAKE3, a third the whole-content SHA-256 and each chunk's id, while up to
+    /// `concurrency` chunks are looked up and (when new) compressed and stored on the CPU pool.
+    /// Only chunks the store lacks are compressed and written.
     pub async fn ingest_reader<R: Read + Send + 'static>(&self, reader: R) -> Result<Staged> {
         self.ingest_reader_with(reader, IngestOptions::default())
             .await
