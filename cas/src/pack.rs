@@ -91,7 +91,7 @@ struct Writer {
 /// Bytes appended to the current pack after which a background `fdatasync` of it starts (when
 /// none is running), so that the disk works while an ingest runs and the sync before indexing
 /// finds little left: for 1 GiB of new frames that final sync took ~0.37 s, all at the end.
-/// 8 MiB rather than 32: first ingests of random data 3–7% faster (alternating pairs, both
+/// 8 MiB rather than 32: first ingests of random data 5–7% faster (alternating pairs, both
 /// orders; `benches/scripts/ab-ingest.sh`), the compressible tar unchanged.
 const SYNC_BEHIND: u64 = 8 << 20;
 
