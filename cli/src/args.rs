@@ -355,7 +355,8 @@ pub(crate) struct Scope {
     /// Task of the artifact.
     #[arg(long, short = 't')]
     pub(crate) task: Option<String>,
-    /// Version of the artifact (default: the newest).
+    /// Version of the artifact (default: the newest; `delete` without it deletes every
+    /// version).
     #[arg(long, value_name = "N")]
     pub(crate) version: Option<u32>,
 }

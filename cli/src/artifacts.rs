@@ -199,8 +199,14 @@ pub(crate) async fn download(
     args: DownloadArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let selectors = args
-        .names
+    // A name given twice is downloaded (and counted) once.
+    let mut names: Vec<&String> = Vec::with_capacity(args.names.len());
+    for name in &args.names {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let selectors = names
         .iter()
         .map(|name| selector(name, &args.scope))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -208,39 +214,80 @@ pub(crate) async fn download(
         bail!("--version applies to one artifact; download several without it");
     }
     let several = selectors.len() > 1;
-    let target = match args.output {
-        None if several => PathBuf::from("."),
-        None => PathBuf::new(),
+    if let Some(path) = args
+        .output
+        .as_ref()
+        .filter(|p| several && p.exists() && !p.is_dir())
+    {
+        bail!(
+            "-o '{}' is a file; several artifacts need a directory",
+            path.display()
+        );
+    }
+    let store = agent::open(&args.agent, ctx).await?;
+    // Resolved up front: an unknown or ambiguous name fails before anything is written, and
+    // every such name is reported at once.
+    let mut records = Vec::with_capacity(selectors.len());
+    let mut unresolved = Vec::new();
+    for selector in &selectors {
+        match store.show(selector).await {
+            Ok(shown) => records.push(shown.artifact.record),
+            Err(e) => unresolved.push(e),
+        }
+    }
+    match unresolved.len() {
+        0 => {}
+        1 if !several => return Err(unresolved.remove(0)),
+        n => bail!(
+            "{n} of {} artifacts cannot be downloaded, so none was: {}",
+            selectors.len(),
+            unresolved
+                .iter()
+                .map(crate::chain)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    }
+    let (target, created) = match args.output {
+        None if several => (PathBuf::from("."), Vec::new()),
+        None => (PathBuf::new(), Vec::new()),
         Some(path) if several => {
-            // Several files go into one directory, which must be one.
-            if path.exists() && !path.is_dir() {
-                bail!(
-                    "-o '{}' is a file; several artifacts need a directory",
-                    path.display()
-                );
-            }
+            // Several files go into one directory.
             let mut dir = path.into_os_string();
-            dir.push("/");
+            if !dir.as_encoded_bytes().ends_with(b"/") {
+                dir.push("/");
+            }
             prepare_target(PathBuf::from(dir))?
         }
         Some(path) => prepare_target(path)?,
     };
-    let store = agent::open(&args.agent, ctx).await?;
-    // Resolved up front: an unknown or ambiguous name fails before anything is written.
-    let mut records = Vec::with_capacity(selectors.len());
-    for selector in &selectors {
-        records.push(store.show(selector).await?.artifact.record);
+    let result = download_resolved(&store, &args.agent, &records, &target, out).await;
+    if result.is_err() {
+        remove_empty(&created);
     }
-    for record in &records {
+    result
+}
+
+/// Downloads artifacts already resolved to `records` into `target` (a directory ending in
+/// `/`, a file, or empty for each one's name in the current directory).
+async fn download_resolved(
+    store: &Store,
+    agent: &str,
+    records: &[ArtifactRecord],
+    target: &Path,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let several = records.len() > 1;
+    for record in records {
         writeln!(
             out,
             "ℹ Downloading artifact '{}' from agent '{}'...",
-            record.name, args.agent
+            record.name, agent
         )?;
     }
     out.flush()?;
     let total: u64 = records.iter().map(|r| r.size).sum();
-    let what = match &records[..] {
+    let what = match records {
         [one] => format!("Downloading {} ({})", one.name, human_size(one.size)),
         many => format!(
             "Downloading {} artifacts ({})",
@@ -248,7 +295,7 @@ pub(crate) async fn download(
             human_size(total)
         ),
     };
-    let bar = match &store {
+    let bar = match store {
         // The engine reports no progress while it writes: large local downloads get a spinner.
         Store::Local(_) => progress::spinner(total, &what),
         Store::Remote(_) => progress::bar(total, &what),
@@ -261,10 +308,9 @@ pub(crate) async fn download(
         let target = if target.as_os_str().is_empty() {
             PathBuf::from(&record.name)
         } else {
-            target.clone()
+            target.to_path_buf()
         };
         let counter = counter.clone();
-        let store = &store;
         async move { store.download(record, &target, counter).await }
     });
     // Remote downloads run concurrently; the embedded store's are bounded by one disk anyway.
@@ -296,21 +342,38 @@ pub(crate) async fn download(
 }
 
 /// Makes `-o PATH` writable: a path ending in `/` is a directory to create, and a file's
-/// missing parent directories are created.
-fn prepare_target(path: PathBuf) -> anyhow::Result<PathBuf> {
+/// missing parent directories are created. Returns the path and the directories created,
+/// deepest first, for [`remove_empty`] should the download fail.
+fn prepare_target(path: PathBuf) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     let wants_dir = path.as_os_str().as_encoded_bytes().ends_with(b"/");
     let dir = if wants_dir {
         Some(path.as_path())
     } else {
         path.parent()
     };
+    let mut created = Vec::new();
     if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
+        created = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the directory '{}'", dir.display()))?;
     }
-    Ok(path)
+    Ok((path, created))
+}
+
+/// Removes the directories a failed download created, deepest first, as long as they are
+/// empty (a download that failed leaves no file behind).
+fn remove_empty(created: &[PathBuf]) {
+    for dir in created {
+        if std::fs::remove_dir(dir).is_err() {
+            break;
+        }
+    }
 }
 
 pub(crate) async fn show(ctx: &Context, args: ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {

@@ -1123,6 +1123,20 @@ fn a_corrupt_chunk_fails_the_download_and_leaves_nothing() {
         std::fs::write(&path, bytes).unwrap();
     }
     std::fs::create_dir(s.path("out")).unwrap();
+    // Directories the download would create are gone again after it fails.
+    s.fails(&[
+        "agent",
+        "artifacts",
+        "download",
+        "local",
+        "app.bin",
+        "-o",
+        "out/new/deeper/app.bin",
+    ]);
+    assert!(
+        !s.path("out/new").exists(),
+        "the directories it made are removed"
+    );
     let stderr = s.fails(&[
         "agent",
         "artifacts",
@@ -1149,6 +1163,61 @@ fn a_corrupt_chunk_fails_the_download_and_leaves_nothing() {
     assert!(
         s.ok(&["agent", "artifacts", "show", "local", "app.bin"])
             .contains("Downloads:  0\n")
+    );
+}
+
+#[test]
+fn several_downloads_check_every_name_first() {
+    let s = Sloth::new();
+    s.write("a.txt", b"alpha");
+    s.write("b.txt", b"beta");
+    s.ok(&["agent", "artifacts", "upload", "local", "a.txt"]);
+    s.ok(&["agent", "artifacts", "upload", "local", "b.txt"]);
+    let before = s.snapshot();
+    let stderr = s.fails(&[
+        "agent",
+        "artifacts",
+        "download",
+        "local",
+        "nope1",
+        "a.txt",
+        "nope2",
+        "-o",
+        "out/deep/",
+    ]);
+    assert_eq!(
+        stderr,
+        "error: 2 of 3 artifacts cannot be downloaded, so none was: \
+         artifact 'nope1' not found; artifact 'nope2' not found\n"
+    );
+    assert!(!s.path("out").exists(), "no directory is created");
+    assert_eq!(s.snapshot(), before, "nothing counted");
+
+    // A name given twice is fetched and counted once; `-o dir/` is not printed as `dir//`.
+    let stdout = s.ok(&[
+        "agent",
+        "artifacts",
+        "download",
+        "local",
+        "a.txt",
+        "b.txt",
+        "a.txt",
+        "-o",
+        "out/",
+    ]);
+    assert_eq!(
+        stdout.matches("✓ Downloaded a.txt to 'out/a.txt'").count(),
+        1,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("✓ Downloaded b.txt to 'out/b.txt'"),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read(s.path("out/a.txt")).unwrap(), b"alpha");
+    assert!(
+        s.ok(&["agent", "artifacts", "show", "local", "a.txt"])
+            .contains("Downloads:  1\n")
     );
 }
 
