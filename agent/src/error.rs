@@ -40,6 +40,10 @@ pub enum Error {
     #[error("{0}")]
     Remote(String),
 
+    /// The master refused a registration: another live agent holds the name.
+    #[error("{0}")]
+    NameTaken(String),
+
     /// The peer broke the protocol (a message out of place, a malformed field).
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -86,6 +90,14 @@ impl From<Status> for Error {
             Code::PermissionDenied => Error::PermissionDenied(message),
             Code::Unavailable => Error::Remote(format!("agent unavailable: {message}")),
             Code::DeadlineExceeded => Error::Remote(format!("deadline exceeded: {message}")),
+            Code::AlreadyExists => Error::NameTaken(message),
+            // tonic's answer for a service the server does not have: the address is a
+            // master's where an agent's was expected, or the other way round.
+            Code::Unimplemented if message.is_empty() => Error::Remote(
+                "the server does not offer this service: is the address a master's where an \
+                 agent's is expected, or the other way round?"
+                    .into(),
+            ),
             _ if message.is_empty() => Error::Remote(format!("{:?}", status.code())),
             _ => Error::Remote(message),
         }

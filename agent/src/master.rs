@@ -65,16 +65,30 @@ fn now() -> i64 {
 
 impl Registry {
     fn with_status(&self, mut record: reg::AgentRecord) -> reg::AgentRecord {
+        record.status = if self.is_active(&record) {
+            "active"
+        } else {
+            "inactive"
+        }
+        .into();
+        record
+    }
+
+    /// Seconds without a heartbeat after which an agent counts as inactive: three of its
+    /// intervals.
+    fn window(&self, name: &str) -> i64 {
         let interval = self
             .intervals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&record.name)
+            .get(name)
             .copied()
             .unwrap_or(5);
-        let missed = now() - record.last_heartbeat > 3 * i64::from(interval);
-        record.status = if missed { "inactive" } else { "active" }.into();
-        record
+        3 * i64::from(interval)
+    }
+
+    fn is_active(&self, record: &reg::AgentRecord) -> bool {
+        now() - record.last_heartbeat <= self.window(&record.name)
     }
 }
 
@@ -95,6 +109,23 @@ impl registry_server::Registry for Registry {
         }
         let now = now();
         let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        // A name is one agent: another live agent under it would make every command that
+        // names it reach either store, depending on the last heartbeat. A name whose agent
+        // stopped heartbeating passes to the newcomer (an agent restarted elsewhere).
+        if let Some(holder) = agents.get(&beat.name)
+            && holder.address != beat.address
+            && self.is_active(holder)
+        {
+            return Err(Status::already_exists(format!(
+                "agent name '{}' is taken by the agent at {} (last heartbeat {} s ago); \
+                 choose another --name, or stop that agent (the name is free {} s after its \
+                 last heartbeat)",
+                beat.name,
+                holder.address,
+                now - holder.last_heartbeat,
+                self.window(&beat.name)
+            )));
+        }
         let registered_at = agents
             .get(&beat.name)
             .map_or(now, |existing| existing.registered_at);
@@ -154,5 +185,49 @@ impl registry_server::Registry for Registry {
                 "agent '{name}' is not registered"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry_server::Registry as _;
+
+    fn beat(name: &str, address: &str) -> Request<reg::HeartbeatRequest> {
+        Request::new(reg::HeartbeatRequest {
+            name: name.into(),
+            address: address.into(),
+            interval_secs: 1,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_live_agents_name_is_refused_to_another_address() {
+        let registry = Registry::default();
+        registry.heartbeat(beat("a", "10.0.0.1:1")).await.unwrap();
+        let refused = registry
+            .heartbeat(beat("a", "10.0.0.2:1"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::AlreadyExists);
+        assert!(refused.message().contains("10.0.0.1:1"), "{refused:?}");
+        // The holder keeps beating; the registry still points at it.
+        registry.heartbeat(beat("a", "10.0.0.1:1")).await.unwrap();
+        let record = registry
+            .get_agent(Request::new(reg::GetAgentRequest { name: "a".into() }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(record.address, "10.0.0.1:1");
+        // A holder silent for longer than three intervals gives the name up.
+        registry
+            .agents
+            .lock()
+            .unwrap()
+            .get_mut("a")
+            .unwrap()
+            .last_heartbeat -= 4;
+        registry.heartbeat(beat("a", "10.0.0.2:1")).await.unwrap();
     }
 }

@@ -228,16 +228,25 @@ pub async fn serve(
         engine: Arc::clone(&engine),
         name: config.name.clone(),
     });
-    let heartbeat = config.master.clone().map(|master| {
-        tokio::spawn(heartbeats(
-            Arc::clone(&engine),
-            master,
-            config.name.clone(),
-            advertised(&config, bound.addr),
-            config.tls.is_some(),
-            config.heartbeat,
-        ))
-    });
+    let heartbeat = match config.master.clone() {
+        Some(master) => {
+            let beat = Heartbeat {
+                engine: Arc::clone(&engine),
+                master,
+                name: config.name.clone(),
+                address: advertised(&config, bound.addr),
+                tls: config.tls.is_some(),
+                interval: config.heartbeat,
+            };
+            // The first one before serving: a name another live agent holds ends the start.
+            let first = beat.send().await;
+            if let Err(e @ Error::NameTaken(_)) = first {
+                return Err(e);
+            }
+            Some(tokio::spawn(beat.repeat(first)))
+        }
+        None => None,
+    };
     let counted = Arc::clone(&metrics);
     let incoming = TcpListenerStream::new(bound.listener).map(move |conn| {
         conn.and_then(no_delay)
@@ -302,7 +311,7 @@ async fn settle_on_schedule(engine: Arc<Engine>) {
 }
 
 /// The address sent to the master.
-fn advertised(config: &AgentConfig, bound: SocketAddr) -> String {
+pub fn advertised(config: &AgentConfig, bound: SocketAddr) -> String {
     if let Some(addr) = &config.advertise {
         return addr.clone();
     }
@@ -315,50 +324,84 @@ fn advertised(config: &AgentConfig, bound: SocketAddr) -> String {
     bound.to_string()
 }
 
-async fn heartbeats(
+/// Fails when the master knows another live agent (another address) by `config.name`, so that
+/// `agent start` can say so before it reports listening. The master refuses such an agent's
+/// heartbeats in any case ([`serve`] then fails); an unreachable master is not an error here
+/// (the agent starts and keeps trying).
+pub async fn check_name_free(config: &AgentConfig, bound: SocketAddr) -> Result<()> {
+    let Some(link) = &config.master else {
+        return Ok(());
+    };
+    let Ok(master) = crate::client::Master::connect(link).await else {
+        return Ok(());
+    };
+    match master.get(&config.name).await {
+        Ok(holder) if holder.status == "active" && holder.address != advertised(config, bound) => {
+            Err(Error::NameTaken(format!(
+                "agent name '{}' is taken by the agent at {} (registered with the master at {}); \
+                 choose another --name, or stop that agent",
+                config.name, holder.address, link.addr
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What an agent sends the master, every `interval`.
+struct Heartbeat {
     engine: Arc<Engine>,
     master: Link,
     name: String,
     address: String,
     tls: bool,
     interval: Duration,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    let mut failing = false;
-    loop {
-        ticker.tick().await;
-        let beat = async {
-            let figures = figures(&engine)
-                .await
-                .map_err(|e| Error::Remote(chain(&e)))?;
-            let conn = Connection::open("master", &master).await?;
-            conn.registry()
-                .heartbeat(reg::HeartbeatRequest {
-                    name: name.clone(),
-                    address: address.clone(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    tls,
-                    figures: Some(figures),
-                    interval_secs: interval.as_secs().max(1) as u32,
-                })
-                .await?;
-            Ok::<_, Error>(())
-        };
-        match beat.await {
-            Ok(()) if failing => {
-                tracing::info!("registered with the master at {} again", master.addr);
-                failing = false;
+}
+
+impl Heartbeat {
+    async fn send(&self) -> Result<()> {
+        let figures = figures(&self.engine)
+            .await
+            .map_err(|e| Error::Remote(chain(&e)))?;
+        let conn = Connection::open("master", &self.master).await?;
+        conn.registry()
+            .heartbeat(reg::HeartbeatRequest {
+                name: self.name.clone(),
+                address: self.address.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                tls: self.tls,
+                figures: Some(figures),
+                interval_secs: self.interval.as_secs().max(1) as u32,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Heartbeats from one interval after the `first`, logging when they start failing and
+    /// when they work again.
+    async fn repeat(self, first: Result<()>) {
+        let interval = self.interval;
+        let mut failing = false;
+        let mut outcome = first;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            match outcome {
+                Ok(()) if failing => {
+                    tracing::info!("registered with the master at {} again", self.master.addr);
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    tracing::warn!(
+                        "heartbeat to the master at {} failed (retrying every {interval:?}): {}",
+                        self.master.addr,
+                        chain(&e)
+                    );
+                    failing = true;
+                }
+                Err(_) => {}
             }
-            Ok(()) => {}
-            Err(e) if !failing => {
-                tracing::warn!(
-                    "heartbeat to the master at {} failed (retrying every {interval:?}): {}",
-                    master.addr,
-                    chain(&e)
-                );
-                failing = true;
-            }
-            Err(_) => {}
+            ticker.tick().await;
+            outcome = self.send().await;
         }
     }
 }

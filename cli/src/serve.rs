@@ -75,6 +75,13 @@ pub(crate) async fn agent_start(
     config.insecure = args.serve.insecure;
     config.tls = tls;
     config.tokens = tokens;
+    // Ports and the name first: a start that cannot serve leaves no data directory behind.
+    let bound = Bound::bind(config.bind).await?;
+    let metrics = match args.metrics_port {
+        Some(port) => Some(Bound::bind(SocketAddr::new(args.serve.bind, port)).await?),
+        None => None,
+    };
+    sloth_agent::server::check_name_free(&config, bound.local_addr()).await?;
     let engine = agent::open_local(&ctx.data_dir, args.config.as_deref(), &args.name).await?;
     let config_file = args
         .config
@@ -99,11 +106,6 @@ pub(crate) async fn agent_start(
         .parent()
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
-    let bound = Bound::bind(config.bind).await?;
-    let metrics = match args.metrics_port {
-        Some(port) => Some(Bound::bind(SocketAddr::new(args.serve.bind, port)).await?),
-        None => None,
-    };
     writeln!(
         out,
         "✓ Agent '{}' listening on {} (data directory {}{}{})",

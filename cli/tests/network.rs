@@ -699,6 +699,43 @@ fn tls_with_and_without_client_certificates() {
 }
 
 #[test]
+fn a_name_is_one_live_agent() {
+    let net = Net::new();
+    let master = net.master(&[]);
+    let first = net.agent("build-agent", Some(&master), &[]);
+    // A second agent under the name, elsewhere, while the first heartbeats: refused before it
+    // reports listening, and without creating its data directory.
+    let data = net.path("second-data");
+    let out = sloth()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--master", &master.addr, "agent", "start"])
+        .args(["--name", "build-agent", "--port", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "no 'listening' line");
+    let taken = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        taken.starts_with(&format!(
+            "error: agent name 'build-agent' is taken by the agent at {}",
+            first.addr
+        )),
+        "{taken}"
+    );
+    assert!(!data.exists(), "no data directory for a start that failed");
+    let listed = net.ok(&["--master", &master.addr, "agent", "get", "build-agent"]);
+    assert!(listed.contains(&first.addr), "{listed}");
+    // Once the first agent has stopped heartbeating (three of its 1 s intervals), the name is
+    // free for an agent elsewhere.
+    drop(first);
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    let second = net.agent("build-agent", Some(&master), &[]);
+    let listed = net.ok(&["--master", &master.addr, "agent", "get", "build-agent"]);
+    assert!(listed.contains(&second.addr), "{listed}");
+}
+
+#[test]
 fn unsafe_or_broken_server_settings_are_refused() {
     let net = Net::new();
     let exposed = net.fails(&[
