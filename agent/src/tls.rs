@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::{Error, Result};
@@ -24,11 +26,10 @@ impl ServerTls {
     }
 
     pub(crate) fn config(&self) -> Result<ServerTlsConfig> {
-        let identity =
-            Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?);
+        let identity = identity((&self.cert, "certificate"), (&self.key, "key"))?;
         let mut config = ServerTlsConfig::new().identity(identity);
         if let Some(ca) = &self.client_ca {
-            config = config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+            config = config.client_ca_root(certificates(ca, "client CA")?);
         }
         Ok(config)
     }
@@ -60,16 +61,66 @@ impl ClientTls {
             return Ok(None);
         };
         let mut config = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(ca, "CA")?))
+            .ca_certificate(certificates(ca, "CA")?)
             .domain_name(host);
         if let Some((cert, key)) = &self.identity {
-            config = config.identity(Identity::from_pem(
-                read(cert, "client certificate")?,
-                read(key, "client key")?,
-            ));
+            config = config.identity(identity((cert, "client certificate"), (key, "client key"))?);
         }
         Ok(Some(config))
     }
+}
+
+/// A PEM file of certificates (a CA, a chain), checked to hold at least one.
+fn certificates(path: &Path, what: &str) -> Result<Certificate> {
+    let pem = read(path, what)?;
+    parse_certificates(&pem, path, what)?;
+    Ok(Certificate::from_pem(pem))
+}
+
+fn parse_certificates(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(path, what, &format!("unreadable PEM ({e})")))?;
+    if certs.is_empty() {
+        return Err(bad(path, what, "holds no certificate"));
+    }
+    Ok(certs)
+}
+
+/// A certificate chain and its private key, checked with rustls as a TLS handshake would use
+/// them (otherwise a key that is not the certificate's shows only when the server starts
+/// serving, or at a client's first call, as a bare "transport error").
+fn identity((cert, cert_what): (&Path, &str), (key, key_what): (&Path, &str)) -> Result<Identity> {
+    let cert_pem = read(cert, cert_what)?;
+    let key_pem = read(key, key_what)?;
+    let chain = parse_certificates(&cert_pem, cert, cert_what)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+        bad(
+            key,
+            key_what,
+            "holds no private key (PKCS#8, PKCS#1 or SEC1 PEM)",
+        )
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    match rustls::sign::CertifiedKey::from_der(chain, key_der, &provider) {
+        Ok(_) => Ok(Identity::from_pem(cert_pem, key_pem)),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(Error::Config(format!(
+                "the TLS {key_what} '{}' is not the key of the {cert_what} '{}'",
+                key.display(),
+                cert.display()
+            )))
+        }
+        Err(e) => Err(Error::Config(format!(
+            "the TLS {cert_what} '{}' and {key_what} '{}' cannot be used: {e}",
+            cert.display(),
+            key.display()
+        ))),
+    }
+}
+
+fn bad(path: &Path, what: &str, why: &str) -> Error {
+    Error::Config(format!("the TLS {what} '{}' {why}", path.display()))
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>> {

@@ -696,6 +696,58 @@ fn tls_with_and_without_client_certificates() {
         m,
     ]);
     assert!(with_cert.contains("ℹ Total: 0 artifacts"), "{with_cert}");
+
+    // A key that is not the certificate's, or a CA file without a certificate, is named at
+    // once: before an agent reports listening, and before a client dials.
+    let data = net.path("mismatch-data");
+    let out = sloth()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["agent", "start", "--name", "mismatch", "--port", "0"])
+        .args([
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("client.key"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "no 'listening' line");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr,
+        format!(
+            "error: the TLS key '{}' is not the key of the certificate '{}'\n",
+            p("client.key"),
+            p("server.pem")
+        )
+    );
+    assert!(!data.exists(), "no data directory for a start that failed");
+    let wrong_key = net.fails(&[
+        "--ca",
+        &p("ca.pem"),
+        "--client-cert",
+        &p("client.pem"),
+        "--client-key",
+        &p("server.key"),
+        "agent",
+        "artifacts",
+        "list",
+        m,
+    ]);
+    assert!(
+        wrong_key.contains("is not the key of the client certificate"),
+        "{wrong_key}"
+    );
+    let key_as_ca = net.fails(&["--ca", &p("client.key"), "agent", "artifacts", "list", a]);
+    assert!(
+        key_as_ca.contains(&format!(
+            "the TLS CA '{}' holds no certificate",
+            p("client.key")
+        )),
+        "{key_as_ca}"
+    );
 }
 
 #[test]
