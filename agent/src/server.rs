@@ -238,8 +238,15 @@ pub async fn serve(
                 tls: config.tls.is_some(),
                 interval: config.heartbeat,
             };
-            // The first one before serving: a name another live agent holds ends the start.
-            let first = beat.send().await;
+            // The first one before serving: a name another live agent holds ends the start. A
+            // master that does not answer soon delays nothing: the agent serves and retries.
+            let first = tokio::time::timeout(FIRST_BEAT_WAIT, beat.send())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Remote(format!(
+                        "no answer within {FIRST_BEAT_WAIT:?}"
+                    )))
+                });
             if let Err(e @ Error::NameTaken(_)) = first {
                 return Err(e);
             }
@@ -332,11 +339,17 @@ pub async fn check_name_free(config: &AgentConfig, bound: SocketAddr) -> Result<
     let Some(link) = &config.master else {
         return Ok(());
     };
-    let Ok(master) = crate::client::Master::connect(link).await else {
-        return Ok(());
-    };
-    match master.get(&config.name).await {
-        Ok(holder) if holder.status == "active" && holder.address != advertised(config, bound) => {
+    let holder = tokio::time::timeout(FIRST_BEAT_WAIT, async {
+        crate::client::Master::connect(link)
+            .await?
+            .get(&config.name)
+            .await
+    })
+    .await;
+    match holder {
+        Ok(Ok(holder))
+            if holder.status == "active" && holder.address != advertised(config, bound) =>
+        {
             Err(Error::NameTaken(format!(
                 "agent name '{}' is taken by the agent at {} (registered with the master at {}); \
                  choose another --name, or stop that agent",
@@ -346,6 +359,10 @@ pub async fn check_name_free(config: &AgentConfig, bound: SocketAddr) -> Result<
         _ => Ok(()),
     }
 }
+
+/// How long an agent's start waits for the master (the name check, the first heartbeat)
+/// before it serves anyway and keeps trying in the background.
+const FIRST_BEAT_WAIT: Duration = Duration::from_secs(3);
 
 /// What an agent sends the master, every `interval`.
 struct Heartbeat {
