@@ -717,13 +717,36 @@ impl Remote {
             .await;
         feeder.abort();
         let (chunks, chunks_sent, bytes_sent) = sent?;
-        let record = session.commit(length, Some(digests.into())).await?;
+        let copied = session.commit(length, Some(digests.into())).await?;
+        // The source counts (and logs) the copy as a download, as it would a CLI's. The copy
+        // stands either way: a source artifact deleted meanwhile only loses the count.
+        if let Err(e) = self.confirm_download(&record).await {
+            tracing::warn!(
+                "copied, but the source did not count the download: {}",
+                crate::error::chain(&e)
+            );
+        }
         Ok(Uploaded {
-            record,
+            record: copied,
             chunks,
             chunks_sent,
             bytes_sent,
         })
+    }
+
+    /// Tells the agent a download of `record` completed, for its count and its event log.
+    async fn confirm_download(&self, record: &ArtifactRecord) -> Result<()> {
+        self.conn
+            .artifacts()
+            .confirm_download(unary(pb::Selector {
+                name: record.name.clone(),
+                stack: Some(record.stack.clone()),
+                task: Some(record.task.clone()),
+                version: Some(record.version),
+            }))
+            .await
+            .map_err(|s| self.conn.fail(s))?;
+        Ok(())
     }
 
     /// Downloads the artifact `selector` means to `target` (a file, or an existing directory
@@ -876,16 +899,7 @@ impl Remote {
         )
         .map_err(output)?;
         tmp.persist(&path).map_err(|e| output(e.error))?;
-        self.conn
-            .artifacts()
-            .confirm_download(unary(pb::Selector {
-                name: record.name.clone(),
-                stack: Some(record.stack.clone()),
-                task: Some(record.task.clone()),
-                version: Some(record.version),
-            }))
-            .await
-            .map_err(|s| self.conn.fail(s))?;
+        self.confirm_download(&record).await?;
         Ok(Downloaded {
             record,
             path,

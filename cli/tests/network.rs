@@ -335,6 +335,9 @@ fn spec_commands_work_against_agents_found_through_the_master() {
     ]);
     assert!(copied.contains(": 0 of "), "{copied}");
     assert!(copied.contains("chunks sent, 0 B\n"), "{copied}");
+    // The source counts the copy as a download (the one above, and this).
+    let source = ok(&["agent", "artifacts", "show", "build-agent", "app.bin"]);
+    assert!(source.contains("Downloads:  2\n"), "{source}");
     let ambiguous = fails(&["agent", "artifacts", "show", "deploy-agent", "app.bin"]);
     assert!(
         ambiguous.contains("--stack production --task build"),
