@@ -57,6 +57,7 @@ pub(crate) async fn cleanup(
     // A bad module is refused before the agent is even contacted.
     let host = Arc::new(PolicyHost::new(Limits::default())?);
     let policy = load(&host, &source, &origin)?;
+    policy.check_params(&params)?;
     let store = agent::open(&args.agent, ctx).await?;
     let (name, report) = match &store {
         Store::Local(engine) => {

@@ -202,6 +202,40 @@ fn bad_durations_policies_and_modules_change_nothing() {
         );
         assert!(err.contains("7d, 30d, 6h, 1h, 45m or 0d"), "{bad}: {err}");
     }
+    let typo = fails(
+        d,
+        &[
+            "agent",
+            "artifacts",
+            "cleanup",
+            "local",
+            "--policy",
+            "keep-last",
+            "--param",
+            "cout=5",
+        ],
+    );
+    assert_eq!(
+        typo,
+        "error: policy 'keep-last' failed: unknown parameter 'cout' (it takes: count, per)\n"
+    );
+    let extra = fails(
+        d,
+        &[
+            "agent",
+            "artifacts",
+            "cleanup",
+            "local",
+            "--older-than",
+            "7d",
+            "--param",
+            "foo=1",
+        ],
+    );
+    assert!(
+        extra.contains("unknown parameter 'foo' (it takes: older_than)"),
+        "{extra}"
+    );
     let unknown = fails(
         d,
         &["agent", "artifacts", "cleanup", "local", "--policy", "nope"],

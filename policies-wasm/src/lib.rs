@@ -110,6 +110,9 @@ pub enum Reason {
     /// The answer is not the JSON the ABI defines.
     #[error("its answer is not valid: {0}")]
     InvalidAnswer(String),
+    /// A parameter the policy does not declare.
+    #[error("unknown parameter '{0}' (it takes: {1})")]
+    UnknownParam(String, String),
 }
 
 /// Bounds on one evaluation.
@@ -165,6 +168,31 @@ pub struct Policy {
     /// Its exports.
     pub exports: Vec<String>,
     module: Module,
+}
+
+impl Policy {
+    /// Refuses parameters the policy does not declare (a typo would otherwise be ignored and
+    /// the policy run with its defaults). A module whose metadata declares no parameter
+    /// object takes any.
+    pub fn check_params(&self, params: &BTreeMap<String, String>) -> Result<(), Error> {
+        let Some(declared) = self.metadata.params.as_object() else {
+            return Ok(());
+        };
+        match params.keys().find(|k| !declared.contains_key(*k)) {
+            None => Ok(()),
+            Some(unknown) => Err(Error {
+                policy: self.metadata.name.clone(),
+                reason: Reason::UnknownParam(
+                    unknown.clone(),
+                    if declared.is_empty() {
+                        "none".into()
+                    } else {
+                        declared.keys().cloned().collect::<Vec<_>>().join(", ")
+                    },
+                ),
+            }),
+        }
+    }
 }
 
 /// Per-evaluation state of a store.
@@ -301,6 +329,7 @@ impl PolicyHost {
         params: &BTreeMap<String, String>,
         artifacts: &[Artifact],
     ) -> Result<Vec<Decision>, Error> {
+        policy.check_params(params)?;
         let fail = |reason| Error {
             policy: policy.metadata.name.clone(),
             reason,
