@@ -95,6 +95,15 @@ pub(crate) struct Connection {
     client_cert: bool,
 }
 
+/// Whether a TLS failure reads like rustls getting a plaintext answer where a TLS record
+/// should be (a client with --ca against a server without TLS).
+fn plaintext_peer(reason: &str) -> bool {
+    reason.contains("InvalidContentType") || reason.contains("corrupt message")
+}
+
+const PLAINTEXT_HINT: &str =
+    " (it does not seem to serve TLS: drop --ca, or start it with --tls-cert and --tls-key)";
+
 impl Connection {
     /// Connects to `link`; `what` names the peer in errors (`agent 'x'`, `master`).
     pub(crate) async fn open(what: &str, link: &Link) -> Result<Self> {
@@ -110,7 +119,8 @@ impl Connection {
             .filter(|h| !h.is_empty())
             .ok_or_else(|| unreachable("the address is not host:port".into()))?;
         let tls = link.tls.config(host)?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        let tls_on = tls.is_some();
+        let scheme = if tls_on { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", link.addr))
             .map_err(|e| unreachable(format!("invalid address: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -124,10 +134,15 @@ impl Connection {
                 .tls_config(tls)
                 .map_err(|e| Error::Config(format!("TLS: {e}")))?;
         }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| unreachable(crate::error::chain(&e)))?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            let reason = crate::error::chain(&e);
+            let hint = if tls_on && plaintext_peer(&reason) {
+                PLAINTEXT_HINT
+            } else {
+                ""
+            };
+            unreachable(format!("{reason}{hint}"))
+        })?;
         let header = |value: String, what: &str| {
             value.parse().map_err(|_| {
                 Error::Config(format!(
@@ -168,6 +183,8 @@ impl Connection {
         };
         let hint = if !self.tls {
             " (if it serves TLS, pass --ca with the CA of its certificate)"
+        } else if plaintext_peer(&reason) {
+            PLAINTEXT_HINT
         } else if !self.client_cert {
             " (if it requires client certificates, pass --client-cert and --client-key)"
         } else {

@@ -743,6 +743,19 @@ fn tls_with_and_without_client_certificates() {
         wrong_key.contains("is not the key of the client certificate"),
         "{wrong_key}"
     );
+    let plain = net.agent("plain", None, &[]);
+    let tls_to_plain = net.fails(&[
+        "--ca",
+        &p("ca.pem"),
+        "agent",
+        "artifacts",
+        "list",
+        &plain.addr,
+    ]);
+    assert!(
+        tls_to_plain.contains("(it does not seem to serve TLS: drop --ca"),
+        "{tls_to_plain}"
+    );
     let key_as_ca = net.fails(&["--ca", &p("client.key"), "agent", "artifacts", "list", a]);
     assert!(
         key_as_ca.contains(&format!(
