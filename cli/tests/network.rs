@@ -794,6 +794,22 @@ fn a_name_is_one_live_agent() {
     assert!(!data.exists(), "no data directory for a start that failed");
     let listed = net.ok(&["--master", &master.addr, "agent", "get", "build-agent"]);
     assert!(listed.contains(&first.addr), "{listed}");
+    // An agent's address where the master's belongs, and the reverse, say so.
+    for (wrong, args) in [
+        (&first.addr, vec!["agent", "list"]),
+        (
+            &master.addr,
+            vec!["agent", "artifacts", "list", master.addr.as_str()],
+        ),
+    ] {
+        let mut with = vec!["--master", wrong.as_str()];
+        with.extend(args);
+        let err = net.fails(&with);
+        assert!(
+            err.contains("does not offer this service: is the address a master's"),
+            "{err}"
+        );
+    }
     // Once the first agent has stopped heartbeating (three of its 1 s intervals), the name is
     // free for an agent elsewhere.
     drop(first);
