@@ -74,6 +74,7 @@ pub(crate) async fn open(agent: &str, ctx: &Context) -> anyhow::Result<Store> {
         return Ok(Store::Local(open_local(&ctx.data_dir, None, LOCAL).await?));
     }
     if agent.contains(':') {
+        crate::args::host_port(agent).map_err(anyhow::Error::msg)?;
         return Ok(Store::Remote(
             Remote::connect(agent, &ctx.link(agent)).await?,
         ));

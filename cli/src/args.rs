@@ -41,7 +41,8 @@ pub(crate) struct NetArgs {
         long,
         global = true,
         env = "SLOTH_RUNNER_MASTER_ADDR",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = host_port
     )]
     pub(crate) master: Option<String>,
     /// Bearer token for agents and the master that require one.
@@ -307,6 +308,24 @@ fn duration(text: &str) -> Result<String, String> {
             "'{text}' is not a duration: use a whole number and a unit, d (days), h (hours), \
              m (minutes) or s (seconds), as in 7d, 30d, 6h, 1h, 45m or 0d"
         )),
+    }
+}
+
+/// `host:port` with a host and a port from 1 to 65535 (`[v6]:port` too).
+pub(crate) fn host_port(text: &str) -> Result<String, String> {
+    let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
+        !host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .is_empty()
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "'{text}' is not host:port (a host, then a port from 1 to 65535)"
+        ))
     }
 }
 

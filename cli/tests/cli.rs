@@ -1222,6 +1222,23 @@ fn several_downloads_check_every_name_first() {
 }
 
 #[test]
+fn addresses_must_be_host_and_port() {
+    let s = Sloth::new();
+    for bad in ["", "127.0.0.1:99999", "host:abc", ":50053", "127.0.0.1:0"] {
+        let err = s.fails(&["--master", bad, "agent", "list"]);
+        assert!(
+            err.contains(&format!("'{bad}' is not host:port")),
+            "{bad:?}: {err}"
+        );
+    }
+    let err = s.fails(&["agent", "artifacts", "list", "host:abc"]);
+    assert_eq!(
+        err,
+        "error: 'host:abc' is not host:port (a host, then a port from 1 to 65535)\n"
+    );
+}
+
+#[test]
 fn a_closed_stdout_is_not_an_error() {
     let s = Sloth::new();
     // Names near the 255-byte limit make the JSON list far larger than a pipe's buffer.
