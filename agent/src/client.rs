@@ -45,6 +45,17 @@ pub struct WorkflowRun {
     pub max_parallel: u32,
 }
 
+/// The host of a `host:port` address (`[v6]:port` gives the bare v6 address), or why the
+/// address is not one: a host, then a port from 1 to 65535. Every address the CLI, the agents
+/// and the master take is judged by this.
+pub fn host_of(addr: &str) -> std::result::Result<&str, String> {
+    addr.rsplit_once(':')
+        .filter(|(_, port)| port.parse::<u16>().is_ok_and(|p| p != 0))
+        .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| format!("'{addr}' is not host:port (a host, then a port from 1 to 65535)"))
+}
+
 /// Where a server is and the credentials to use with it.
 #[derive(Debug, Clone, Default)]
 pub struct Link {
@@ -112,12 +123,7 @@ impl Connection {
             addr: link.addr.clone(),
             reason,
         };
-        let host = link
-            .addr
-            .rsplit_once(':')
-            .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| unreachable("the address is not host:port".into()))?;
+        let host = host_of(&link.addr).map_err(unreachable)?;
         let tls = link.tls.config(host)?;
         let tls_on = tls.is_some();
         let scheme = if tls_on { "https" } else { "http" };

@@ -101,12 +101,11 @@ impl registry_server::Registry for Registry {
         let beat = request.into_inner();
         sloth_engine::Name::parse("agent name", &beat.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if beat.address.rsplit_once(':').is_none() || beat.address.len() > 300 {
-            return Err(Status::invalid_argument(format!(
-                "agent address '{}' is not host:port",
-                beat.address
-            )));
+        if beat.address.len() > 300 {
+            return Err(Status::invalid_argument("an agent address over 300 bytes"));
         }
+        crate::client::host_of(&beat.address)
+            .map_err(|why| Status::invalid_argument(format!("agent address {why}")))?;
         let now = now();
         let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
         // A name is one agent: another live agent under it would make every command that

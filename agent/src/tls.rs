@@ -131,10 +131,7 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
         ))
     })?;
     if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        return Err(Error::Config(format!(
-            "the TLS {what} '{}' is not a PEM file",
-            path.display()
-        )));
+        return Err(bad(path, what, "is not a PEM file"));
     }
     Ok(bytes)
 }

@@ -311,22 +311,9 @@ fn duration(text: &str) -> Result<String, String> {
     }
 }
 
-/// `host:port` with a host and a port from 1 to 65535 (`[v6]:port` too).
+/// `host:port` as the agents judge it ([`sloth_agent::client::host_of`]).
 pub(crate) fn host_port(text: &str) -> Result<String, String> {
-    let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
-        !host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .is_empty()
-            && port.parse::<u16>().is_ok_and(|p| p != 0)
-    });
-    if valid {
-        Ok(text.to_owned())
-    } else {
-        Err(format!(
-            "'{text}' is not host:port (a host, then a port from 1 to 65535)"
-        ))
-    }
+    sloth_agent::client::host_of(text).map(|_| text.to_owned())
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
